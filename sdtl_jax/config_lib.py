@@ -1,0 +1,235 @@
+"""Config helpers shared by `configs/*.py`: argument parsing, presets, validation.
+
+Configs stay declarative (STYLE.md section 2); every rule of the recipe (SPEC.md sections 4-6)
+lives here once, and the dataset facts come from `data/sources.py`.
+
+Departure from STYLE.md: durations are in epochs (`num_epochs`, `warmup_epochs`), because the
+paper states its recipe in epochs and the step count depends on the dataset's size, which is
+only known when the shards are opened. `steps()` converts them once, at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+# The paper's two settings (SPEC.md sections 4 and 8) and the embedded demo data. `model` is the
+# architecture the paper pairs with the dataset.
+DATA_PRESETS = {
+    'imagenet100': dict(real='imagenet100_real', synth='imagenet100_synth', eval_split='val',
+                        model='resnet50', global_batch=64),
+    'pets': dict(real='pets_real', synth='pets_synth', eval_split='test',
+                 model='tinyvit_5m', global_batch=32),
+    'digits': dict(real='digits_real', synth='digits_synth', eval_split='val',
+                   model='resnet50', global_batch=64),
+}
+
+# Small variants with the same 18-layer structure, for the demo and the tests.
+SMALL_MODELS = {
+    'resnet50': dict(width=8),
+    'tinyvit_5m': dict(embed_dims=(16, 32, 40, 80), num_heads=(1, 2, 2, 4)),
+}
+MODELS = tuple(SMALL_MODELS)
+DTYPES = ('float32', 'bfloat16')
+FROZEN_BN = ('inference', 'adapt')
+NUM_LAYERS = 18
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses big_vision-style `key=value,flag` strings against typed defaults.
+
+    A bare word sets a boolean default to True (`demo`, `smoke`). Unknown keys are errors, so a
+    typo in `--config=...:num_frozn=4` never runs the wrong experiment.
+    """
+    parsed = dict(defaults)
+    for item in filter(None, (arg or '').split(',')):
+        key, sep, value = item.partition('=')
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f'Unknown config argument {key!r}; allowed: {sorted(defaults)}')
+        default = defaults[key]
+        if not sep:
+            if not isinstance(default, bool):
+                raise ValueError(f'Config argument {key!r} needs a value ({key}=...)')
+            parsed[key] = True
+        elif isinstance(default, bool):
+            if value.lower() not in ('true', 'false', '1', '0'):
+                raise ValueError(f'Config argument {key}={value!r}: expected true or false')
+            parsed[key] = value.lower() in ('true', '1')
+        else:
+            try:
+                parsed[key] = type(default)(value)
+            except ValueError:
+                raise ValueError(f'Config argument {key}={value!r}: expected '
+                                 f'{type(default).__name__}') from None
+    return ml_collections.ConfigDict(parsed)
+
+
+def base(*, data: str, model: str | None = None, demo: bool = False,
+         smoke: bool = False) -> ml_collections.ConfigDict:
+    """The paper's recipe (SPEC.md sections 4-6) on `data`, shrunk for `demo` or `smoke`.
+
+    `demo` and `smoke` run on the embedded digits data with a small model of the same
+    architecture and 18 layers: the demo finishes in minutes on a 2-core CPU, the smoke
+    variant runs 3 steps per stage (for tests).
+    """
+    if data not in DATA_PRESETS:
+        raise ValueError(f'Unknown data {data!r}; allowed: {sorted(DATA_PRESETS)}')
+    preset = DATA_PRESETS['digits' if demo or smoke else data]
+    model = model or DATA_PRESETS[data]['model']
+    if model not in MODELS:
+        raise ValueError(f'Unknown model {model!r}; allowed: {list(MODELS)}')
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict({'name': model})
+    c.dtype = 'float32'                 # compute dtype; 'bfloat16' on GPU/TPU (params stay f32)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.data_dir = ''                # '' = $SDTL_DATA_DIR or ~/.cache/sdtl_jax/data
+    c.data.real = preset['real']
+    c.data.synth = preset['synth']
+    c.data.train = preset['real']       # what this stage trains on (set by the experiment config)
+    c.data.train_split = 'train'
+    c.data.eval = preset['real']        # evaluation is always on real images (SPEC.md section 1)
+    c.data.eval_split = preset['eval_split']
+    c.data.num_threads = 16             # grain read threads (TRAPS.md: threads beat processes)
+    c.data.max_train_examples = ml_collections.FieldReference(None, field_type=int)
+
+    # DINO multi-crop (SPEC.md section 5).
+    c.aug = ml_collections.ConfigDict()
+    c.aug.global_size = 224
+    c.aug.num_global = 1
+    c.aug.global_scale = (0.25, 1.0)
+    c.aug.local_size = 96
+    c.aug.num_local = 8
+    c.aug.local_scale = (0.05, 0.25)
+
+    # Evaluation (SPEC.md section 6): resize 256, centre-crop 224, every epoch; results are the
+    # mean and std over the last `last_epochs` evaluations.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.resize = 256
+    c.eval.crop = 224
+    c.eval.global_batch = 256
+    c.eval.every_epochs = 1
+    c.eval.last_epochs = 5
+
+    # SGD recipe (SPEC.md section 4).
+    c.num_epochs = 100
+    c.warmup_epochs = 10
+    c.global_batch = preset['global_batch']
+    c.optim = ml_collections.ConfigDict()
+    c.optim.base_lr = 0.1               # per 256 images: lr = base_lr * global_batch / 256
+    c.optim.end_lr = 1e-6
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 1e-4
+
+    # Transfer (SPEC.md sections 1 and 7). `source_data` empty = no transfer (a baseline).
+    c.transfer = ml_collections.ConfigDict()
+    c.transfer.source_data = ''
+    c.transfer.init_from = ''           # a run workdir or its checkpoints/; '' = train the source
+    c.transfer.num_frozen = 0
+    c.transfer.frozen_bn = 'inference'  # 'adapt' lets frozen BN running statistics adapt
+    c.transfer.reinit = True            # False: fine-tune the source weights of layers >= N
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_epochs = 1
+    c.checkpoint.keep = 3
+    c.log_every_steps = 10
+
+    if demo or smoke:
+        c.model.update(SMALL_MODELS[model])
+        c.aug.global_size, c.aug.local_size = 32, 16
+        c.eval.resize, c.eval.crop = 32, 32
+    if demo:
+        c.num_epochs, c.warmup_epochs = 12, 2
+        c.aug.num_local = 4
+    if smoke:
+        c.global_batch = 8
+        c.eval.global_batch = 64
+        c.num_epochs, c.warmup_epochs = 1, 0
+        c.aug.num_local = 2
+        c.eval.last_epochs = 1
+        c.data.max_train_examples = 3 * c.global_batch     # 3 steps per stage
+        c.data.num_threads = 2
+        c.log_every_steps = 1
+    return c
+
+
+def source_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config of the pre-training stage that a transfer run starts from."""
+    source = config.copy_and_resolve_references()
+    source.data.train = config.transfer.source_data
+    source.transfer.source_data = ''
+    source.transfer.init_from = ''
+    source.transfer.num_frozen = 0
+    source.transfer.reinit = True
+    return source
+
+
+def is_transfer(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.transfer.source_data or config.transfer.init_from)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The recipe's durations in optimizer steps, for one dataset size."""
+    per_epoch: int
+    total: int
+    warmup: int
+
+
+def steps(config: ml_collections.ConfigDict, num_train_examples: int) -> Steps:
+    """Epochs -> steps. The last partial batch is dropped (SPEC.md section 4)."""
+    if config.data.max_train_examples is not None:
+        num_train_examples = min(num_train_examples, config.data.max_train_examples)
+    per_epoch = num_train_examples // config.global_batch
+    if per_epoch == 0:
+        raise ValueError(f'{num_train_examples} training examples make no full batch of '
+                         f'global_batch={config.global_batch}')
+    return Steps(per_epoch=per_epoch, total=per_epoch * config.num_epochs,
+                 warmup=per_epoch * config.warmup_epochs)
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> float:
+    """Base LR = 0.1 x global_batch / 256 (SPEC.md section 4)."""
+    return config.optim.base_lr * config.global_batch / 256
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1,
+             num_layers: int = NUM_LAYERS) -> None:
+    """Rejects impossible configs before any compute, naming the key and the allowed values."""
+    def check(ok, key, allowed):
+        if not ok:
+            raise ValueError(f'config.{key}={_get(config, key)!r} is invalid; allowed: {allowed}')
+
+    check(config.model.name in MODELS, 'model.name', list(MODELS))
+    check(config.dtype in DTYPES, 'dtype', list(DTYPES))
+    check(0 <= config.transfer.num_frozen <= num_layers, 'transfer.num_frozen',
+          f'0..{num_layers}')
+    check(config.transfer.frozen_bn in FROZEN_BN, 'transfer.frozen_bn', list(FROZEN_BN))
+    check(not config.transfer.num_frozen or is_transfer(config), 'transfer.num_frozen',
+          '0 when there is no transfer.source_data or transfer.init_from')
+    for key in ('global_batch', 'eval.global_batch'):
+        check(_get(config, key) > 0 and _get(config, key) % num_devices == 0
+              and _get(config, key) % num_processes == 0, key,
+              f'a positive multiple of the device count ({num_devices}) and process count '
+              f'({num_processes})')
+    check(config.num_epochs >= 1, 'num_epochs', '>= 1')
+    check(0 <= config.warmup_epochs < config.num_epochs or config.warmup_epochs == 0,
+          'warmup_epochs', '0 <= warmup_epochs < num_epochs')
+    check(1 <= config.eval.last_epochs <= config.num_epochs, 'eval.last_epochs',
+          '1..num_epochs')
+    check(config.aug.num_global >= 1, 'aug.num_global', '>= 1')
+    check(config.aug.num_local >= 0, 'aug.num_local', '>= 0')
+    check(config.eval.crop <= config.eval.resize, 'eval.crop', '<= eval.resize')
+    check(math.isfinite(config.optim.base_lr) and config.optim.base_lr > 0, 'optim.base_lr',
+          '> 0')
+
+
+def _get(config, dotted_key):
+    for part in dotted_key.split('.'):
+        config = config[part]
+    return config

@@ -1,0 +1,39 @@
+r"""Runs one experiment: `python -m sdtl_jax.main --config=configs/X.py[:args] --workdir=DIR`.
+
+`--config.key=value` overrides any value; the config is locked, so a misspelt key is an error.
+Re-running the same command resumes from the workdir's latest checkpoint.
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and results go.',
+                    required=True)
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    # Imported after flag parsing so `--help` stays fast and XLA flags from the environment apply.
+    import jax
+
+    from sdtl_jax import train
+
+    # Multi-host (TPU pods, SLURM): the launcher sets SDTL_MULTIHOST=1; on a single host the
+    # call would fail on CPU, so it is opt-in, as in big_vision.
+    if os.environ.get('SDTL_MULTIHOST') == '1':
+        jax.distributed.initialize()
+    logging.info('JAX %s: %d process(es), %d device(s): %s', jax.__version__,
+                 jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+    results = train.run(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        print(json.dumps(results, indent=2, sort_keys=True))
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,117 @@
+"""Pieces shared by the models: cosine classifier, BatchNorm defaults, exact GELU, padding.
+
+Each default here is a PyTorch-to-Flax trap (SPEC.md section 2): Flax's GELU is the tanh
+approximation unless told otherwise, its BatchNorm momentum is the complement of PyTorch's, and
+`padding='SAME'` on a stride-2 convolution pads bottom/right only where PyTorch pads both sides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NUM_LAYERS = 18  # The layer contract of SPEC.md section 2: both models have exactly 18 layers.
+FROZEN_BN = ('inference', 'adapt')
+
+# PyTorch BatchNorm2d defaults: momentum 0.1 in PyTorch's convention is 0.9 in Flax's.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+# PyTorch nn.LayerNorm default (Flax's default is 1e-6).
+LN_EPSILON = 1e-5
+# PyTorch nn.Conv2d / nn.Linear default init: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as PyTorch's nn.GELU(); Flax's nn.gelu defaults to the tanh form."""
+    return nn.gelu(x, approximate=False)
+
+
+def padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Explicit symmetric padding k // 2 on both spatial sides, as PyTorch's `padding=k // 2`.
+
+    With stride 2 on an even input, Flax's 'SAME' pads (0, 1) where PyTorch pads (1, 1), which
+    shifts every output pixel by one input pixel; explicit padding gives identical outputs.
+    """
+    p = kernel_size // 2
+    return ((p, p), (p, p))
+
+
+def batch_norm(*, train: bool, dtype: Any, scale_init: Any = nn.initializers.ones,
+               name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults; statistics and parameters stay in float32.
+
+    No `axis_name`: under `jit` with a batch sharded over the mesh, the batch statistics are
+    already global (STYLE.md section 4).
+    """
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                        dtype=dtype, param_dtype=jnp.float32, scale_init=scale_init, name=name)
+
+
+def layer_norm(*, dtype: Any, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm with PyTorch's epsilon; parameters in float32."""
+    return nn.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps), as torch.nn.functional.normalize."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+class CosineClassifier(nn.Module):
+    """Bias-free cosine classifier (SPEC.md section 3): cos(feature, class weight) / tau.
+
+    Features and class weights are both L2-normalised, so logits lie in [-1/tau, 1/tau] and do
+    not change when the features are scaled. The kernel has shape (features, num_classes) and a
+    normal init: a zero init would make the normalisation divide by zero. Computed in float32
+    whatever the model's compute dtype; the logits are float32.
+
+    Attributes:
+      num_classes: number of classes.
+      tau: temperature.
+      pool: average the spatial axes of an NHWC input first (ResNet's global average pool).
+    """
+    num_classes: int
+    tau: float = 0.1
+    pool: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        if self.pool:
+            x = jnp.mean(x, axis=(1, 2))
+        kernel = self.param('kernel', nn.initializers.normal(stddev=0.01),
+                            (x.shape[-1], self.num_classes), jnp.float32)
+        return l2_normalize(x, axis=-1) @ l2_normalize(kernel, axis=0) / self.tau
+
+
+def check_frozen(num_frozen: int, frozen_bn: str) -> None:
+    """Raises ValueError unless 0 <= num_frozen <= 18 and frozen_bn is a known mode."""
+    if not 0 <= num_frozen <= NUM_LAYERS:
+        raise ValueError(f'num_frozen must be in [0, {NUM_LAYERS}], got {num_frozen}')
+    if frozen_bn not in FROZEN_BN:
+        raise ValueError(f'frozen_bn must be one of {FROZEN_BN}, got {frozen_bn!r}')
+
+
+def run_layers(layers, x: jax.Array, *, train: bool, num_frozen: int, frozen_bn: str):
+    """Runs `(name, layer)` pairs in order under the freezing contract of `models.build`.
+
+    Layers `i < num_frozen` run BatchNorm on the running statistics (no update) unless
+    `frozen_bn == 'adapt'`; a stop_gradient follows layer `num_frozen - 1`, so no backward pass
+    runs through the frozen prefix.
+
+    Returns:
+      (output of the last layer, {name: output of each layer}, in forward order).
+    """
+    out = {}
+    for i, (name, layer) in enumerate(layers):
+        frozen = i < num_frozen
+        x = layer(x, train=train and (not frozen or frozen_bn == 'adapt'))
+        if i == num_frozen - 1:
+            x = jax.lax.stop_gradient(x)
+        out[name] = x
+    return x, out

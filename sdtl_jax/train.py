@@ -1,0 +1,254 @@
+"""The training loop: one jitted, data-parallel step; evaluation each epoch; resume; transfer.
+
+`run` is what `main.py` calls: for a transfer config it first trains (or reuses) the source
+model in `<workdir>/source`, then trains the target stage in `<workdir>` with layers [0, N)
+taken over from the source and frozen (SPEC.md sections 1 and 7).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sdtl_jax import checkpointing, config_lib, evaluate, metrics_io, models, optim, sharding
+from sdtl_jax.data import input_pipeline, normalize, sources
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the data position; arrays only, for Orbax."""
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, dtype):
+    """One SGD step on a multi-crop batch; pure, reads no config.
+
+    The model runs twice (SPEC.md section 5): on the global crops, then on all local crops, so
+    BatchNorm batch statistics are per resolution and the running statistics are updated by
+    both passes in that order. The loss is the mean cross-entropy over every crop.
+    """
+    labels = batch['label']
+
+    def loss_fn(params):
+        stats = state.batch_stats
+        loss_sum, num_crops = 0.0, 0
+        for key in ('global', 'local'):
+            if key not in batch:
+                continue
+            crops = batch[key]
+            per_image = crops.shape[1]
+            images = normalize.normalize(crops.reshape((-1,) + crops.shape[2:]), dtype)
+            (logits, _), updates = model.apply(
+                {'params': params, 'batch_stats': stats}, images, train=True,
+                mutable=['batch_stats'])
+            stats = updates['batch_stats']
+            crop_labels = jnp.repeat(labels, per_image)   # crops of an image are adjacent
+            loss_sum += optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), crop_labels).sum()
+            num_crops += images.shape[0]
+        return loss_sum / num_crops, stats
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, {'loss': loss, 'lr': lr_fn(state.step)}
+
+
+def num_params(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _dtype(name: str):
+    return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       source: str = '') -> dict[str, Any]:
+    """Trains one stage per `config` into `workdir`, resuming from its latest checkpoint.
+
+    Restore order (big_vision): the checkpoint in `workdir`, then layers from `source` (a run
+    workdir or checkpoints folder) for a transfer, then scratch. Returns results.json's dict.
+    """
+    t_start = time.time()
+    is_main = jax.process_index() == 0
+    config_lib.validate(config, num_devices=jax.device_count(),
+                        num_processes=jax.process_count())
+    mesh = sharding.make_mesh()
+    data_dir = config.data.data_dir or sources.default_data_dir()
+    train_split = sources.resolve(config.data.train, data_dir, config.data.train_split)
+    eval_split = sources.resolve(config.data.eval, data_dir, config.data.eval_split)
+    if list(train_split.classes) != list(eval_split.classes):
+        raise ValueError(f'Class lists differ: data.train={config.data.train!r} and '
+                         f'data.eval={config.data.eval!r} must use the same labels')
+    steps = config_lib.steps(config, train_split.num_examples)
+    dtype = _dtype(config.dtype)
+    num_frozen = config.transfer.num_frozen
+    model = models.build(config.model, num_classes=len(train_split.classes),
+                         num_frozen=num_frozen, frozen_bn=config.transfer.frozen_bn, dtype=dtype)
+    layer_names = model.layer_names()
+    config_lib.validate(config, num_devices=jax.device_count(),
+                        num_processes=jax.process_count(), num_layers=len(layer_names))
+
+    # Finished before: reuse (the source stage of a transfer is shared by every N).
+    results_path = os.path.join(workdir, 'results.json')
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                      keep=config.checkpoint.keep)
+    if os.path.exists(results_path) and ckpt.latest_step() == steps.total:
+        logging.info('%s is finished; reusing its results', workdir)
+        ckpt.close()
+        return _read_json(results_path)
+
+    writer = metrics_io.Writer(workdir, enabled=is_main)
+    writer.write_config(config)
+    replicated = sharding.replicated(mesh)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = jax.jit(functools.partial(models.init, model, image_size=config.aug.global_size),
+                        out_shardings=replicated)(init_rng)
+    params, batch_stats = variables['params'], variables.get('batch_stats', {})
+    tx, lr_fn = optim.make(config, params, layer_names, warmup_steps=steps.warmup,
+                           total_steps=steps.total)
+
+    process_count, process_index = jax.process_count(), jax.process_index()
+    train_iter = iter(input_pipeline.train_dataset(
+        train_split, global_batch=config.global_batch, seed=config.seed, aug=config.aug,
+        process_index=process_index, process_count=process_count,
+        num_threads=config.data.num_threads, max_examples=config.data.max_train_examples))
+
+    if ckpt.latest_step() is not None:
+        template = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              batch_stats=batch_stats, opt_state=tx.init(params),
+                              rng=state_rng)
+        state = ckpt.restore(jax.device_put(template, replicated), train_iter)
+        logging.info('Resumed %s at step %d', workdir, int(state.step))
+    else:
+        if source:
+            layers = layer_names[:num_frozen] if config.transfer.reinit else layer_names
+            params, batch_stats = checkpointing.load_for_transfer(
+                jax.device_get(params), jax.device_get(batch_stats), source, layers)
+            logging.info('Loaded layers %s from %s', list(layers), source)
+        state = jax.device_put(
+            TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params), rng=state_rng), replicated)
+
+    total_params = num_params(state.params)
+    trainable_params = num_params({k: v for k, v in state.params.items()
+                                   if k not in layer_names[:num_frozen]})
+    logging.info('%s: %s on %s, %d params (%d trainable), global batch %d (%d per device), '
+                 '%d steps (%d per epoch)', workdir, config.model.name, config.data.train,
+                 total_params, trainable_params, config.global_batch,
+                 config.global_batch // jax.device_count(), steps.total, steps.per_epoch)
+
+    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn,
+                                        dtype=dtype),
+                      donate_argnums=0, out_shardings=(replicated, replicated))
+    eval_fn = evaluate.make_eval_fn(model, mesh, dtype)
+
+    def run_eval(epoch: int, step: int, train_loss: float, lr: float, wall_offset: float):
+        acc = evaluate.accuracy(eval_fn, state.params, state.batch_stats,
+                                input_pipeline.eval_batches(
+                                    eval_split, global_batch=config.eval.global_batch,
+                                    resize=config.eval.resize, crop=config.eval.crop,
+                                    process_index=process_index,
+                                    process_count=process_count), mesh)
+        record = {'epoch': epoch, 'train_loss': train_loss, 'lr': lr,
+                  'wall_s': wall_offset + time.time() - t_start, **acc}
+        writer.scalars(step, record, jsonl=True)
+        return record
+
+    previous = metrics_io.read_metrics(workdir) if is_main else []
+    wall_offset = previous[-1]['wall_s'] if previous else 0.0
+    start_step = int(state.step)
+    last_epochs = range(config.num_epochs - config.eval.last_epochs + 1, config.num_epochs + 1)
+
+    if num_frozen == len(layer_names):
+        # N = 18: every layer is taken over; evaluate the pre-trained model untouched.
+        run_eval(0, 0, math.nan, 0.0, wall_offset)
+        ckpt.save(steps.total, state, train_iter)
+        last_epochs = range(0, 1)
+        start_step = steps.total
+
+    bar = metrics_io.progress(steps.total, start_step, os.path.basename(workdir.rstrip('/')),
+                              enabled=is_main)
+    epoch_losses = []
+    for step in range(start_step, steps.total):
+        state, metrics = step_fn(state, sharding.to_global(next(train_iter), mesh))
+        epoch_losses.append(metrics['loss'])
+        bar.update(1)
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == steps.total:
+            loss, lr = (float(x) for x in jax.device_get((metrics['loss'], metrics['lr'])))
+            if not math.isfinite(loss):
+                raise FloatingPointError(f'Loss is {loss} at step {done} of {workdir}; the last '
+                                         'good checkpoint is kept in checkpoints/')
+            bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.2e}')
+            writer.scalars(done, {'train/loss': loss, 'train/lr': lr})
+        if done % steps.per_epoch == 0:
+            epoch = done // steps.per_epoch
+            train_loss = float(np.mean(jax.device_get(epoch_losses)))
+            epoch_losses = []
+            if epoch % config.eval.every_epochs == 0 or epoch in last_epochs:
+                record = run_eval(epoch, done, train_loss, float(metrics['lr']), wall_offset)
+                bar.write(f'epoch {epoch}/{config.num_epochs}: train loss {train_loss:.4f}, '
+                          f'top-1 {record["top1"]:.2f}%, top-5 {record["top5"]:.2f}%')
+            if epoch % config.checkpoint.every_epochs == 0 or done == steps.total:
+                ckpt.save(done, state, train_iter)
+    bar.close()
+    ckpt.wait_until_finished()
+    ckpt.close()
+
+    results = {}
+    if is_main:
+        records = [r for r in metrics_io.read_metrics(workdir) if r['epoch'] in last_epochs]
+        results = {
+            **metrics_io.summarize(records, len(last_epochs)),
+            'num_frozen': num_frozen,
+            'frozen_bn': config.transfer.frozen_bn,
+            'reinit': config.transfer.reinit,
+            'model': config.model.name,
+            'train_data': config.data.train,
+            'eval_data': f'{config.data.eval}:{config.data.eval_split}',
+            'source': source,
+            'source_data': config.transfer.source_data,
+            'epochs': config.num_epochs,
+            'steps': steps.total,
+            'global_batch': config.global_batch,
+            'num_params': total_params,
+            'num_trainable_params': trainable_params,
+            'wall_seconds': wall_offset + time.time() - t_start,
+        }
+        metrics_io.write_json(results_path, results)
+        logging.info('Results of %s: %s', workdir, results)
+    writer.close()
+    return results
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """One experiment: the source stage if the transfer needs one, then the configured stage."""
+    source = config.transfer.init_from
+    if config.transfer.source_data and not source:
+        source = os.path.join(workdir, 'source')
+        train_and_evaluate(config_lib.source_stage(config), source)
+    return train_and_evaluate(config, workdir, source=source)
+
+
+def _read_json(path):
+    import json
+    with open(path) as f:
+        return json.load(f)

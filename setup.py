@@ -1,0 +1,41 @@
+"""sdtl_jax: synthetic-to-real transfer learning for vision in JAX/Flax.
+
+Lower bounds here; `requirements-lock.txt` pins the versions CI installs (STYLE.md section 1).
+"""
+import setuptools
+
+CORE = [
+    'absl-py>=2.1',
+    'array-record>=0.8',
+    'flax>=0.12',
+    'grain>=0.2.18',
+    'jax>=0.10',
+    'matplotlib>=3.8',        # its bundled fonts render the demo's synthetic digits
+    'ml-collections>=1.0',
+    'msgpack>=1.0',
+    'numpy>=2.0',
+    'optax>=0.2.8',
+    'orbax-checkpoint>=0.12',
+    'pillow>=10.0',
+    'scikit-learn>=1.4',      # its bundled digits are the demo's real data
+    'tensorboardX>=2.6',
+    'tqdm>=4.66',
+]
+GENERATE = ['torch>=2.13', 'diffusers>=0.42', 'transformers>=5.0', 'accelerate>=1.0']
+TEST = ['pytest>=8.0', 'ruff>=0.6']
+
+setuptools.setup(
+    name='sdtl_jax',
+    version='0.1.0',
+    description='Synthetic-to-real transfer learning for vision (Hennicke et al., 2024) in JAX/Flax',
+    packages=setuptools.find_packages(include=['sdtl_jax', 'sdtl_jax.*']),
+    package_data={'sdtl_jax': ['reference/*.json']},
+    python_requires='>=3.10',
+    install_requires=CORE,
+    extras_require={
+        'generate': GENERATE,
+        'test': TEST,
+        'tpu': ['jax[tpu]>=0.10'],
+        'gpu': ['jax[cuda12]>=0.10'],
+    },
+)
