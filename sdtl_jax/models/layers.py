@@ -7,6 +7,7 @@ approximation unless told otherwise, its BatchNorm momentum is the complement of
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import flax.linen as nn
@@ -81,12 +82,44 @@ class CosineClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
+        # At least float32 (bf16 features would lose the cosine's precision); float64 stays.
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if self.pool:
             x = jnp.mean(x, axis=(1, 2))
         kernel = self.param('kernel', nn.initializers.normal(stddev=0.01),
                             (x.shape[-1], self.num_classes), jnp.float32)
-        return l2_normalize(x, axis=-1) @ l2_normalize(kernel, axis=0) / self.tau
+        return l2_normalize(x, axis=-1) @ l2_normalize(kernel.astype(x.dtype), axis=0) / self.tau
+
+
+class DepthwiseConv(nn.Module):
+    """Bias-free depthwise convolution (PyTorch `groups=channels`, padding k // 2).
+
+    Same parameter as `nn.Conv(C, (k, k), feature_group_count=C, use_bias=False)`: 'kernel' of
+    shape (k, k, 1, C), PyTorch's default init. Computed as a sum of k * k shifted slices times
+    per-channel weights, which XLA fuses into one elementwise loop: on CPU (2 cores) a 3x3
+    depthwise conv over (8, 56, 56, 256) takes 9 ms forward and 0.18 s forward + backward this
+    way, against 0.17 s and 1.05 s for XLA's grouped convolution. Accumulates in float32.
+    """
+    kernel_size: int = 3
+    strides: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s = self.kernel_size, self.strides
+        kernel = self.param('kernel', torch_default_init, (k, k, 1, x.shape[-1]), jnp.float32)
+        b, h, w, c = x.shape
+        p = k // 2
+        out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        x = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))
+        out = jnp.zeros((b, out_h, out_w, c), jnp.promote_types(self.dtype, jnp.float32))
+        for i in range(k):
+            for j in range(k):
+                window = jax.lax.slice(x, (0, i, j, 0),
+                                       (b, i + (out_h - 1) * s + 1, j + (out_w - 1) * s + 1, c),
+                                       (1, s, s, 1))
+                out = out + window * kernel[i, j, 0].astype(self.dtype)
+        return out.astype(self.dtype)
 
 
 def check_frozen(num_frozen: int, frozen_bn: str) -> None:
@@ -105,9 +138,11 @@ def run_layers(layers, x: jax.Array, *, train: bool, num_frozen: int, frozen_bn:
     runs through the frozen prefix.
 
     Returns:
-      (output of the last layer, {name: output of each layer}, in forward order).
+      (output of the last layer, {name: output of each layer}). The dict is an OrderedDict,
+      the pytree whose keys JAX keeps in insertion (forward) order through jit and
+      eval_shape; a plain dict would come back sorted.
     """
-    out = {}
+    out = collections.OrderedDict()
     for i, (name, layer) in enumerate(layers):
         frozen = i < num_frozen
         x = layer(x, train=train and (not frozen or frozen_bn == 'adapt'))

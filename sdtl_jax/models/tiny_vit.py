@@ -56,10 +56,15 @@ class ConvNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         k = self.kernel_size
-        x = nn.Conv(self.features, (k, k), strides=(self.strides, self.strides),
-                    padding=layers.padding(k), feature_group_count=self.groups, use_bias=False,
-                    kernel_init=layers.torch_default_init, dtype=self.dtype,
-                    param_dtype=jnp.float32, name='conv')(x)
+        if self.groups == 1:
+            x = nn.Conv(self.features, (k, k), strides=(self.strides, self.strides),
+                        padding=layers.padding(k), use_bias=False,
+                        kernel_init=layers.torch_default_init, dtype=self.dtype,
+                        param_dtype=jnp.float32, name='conv')(x)
+        elif self.groups == self.features == x.shape[-1]:  # Depthwise: fast on CPU.
+            x = layers.DepthwiseConv(k, self.strides, self.dtype, name='conv')(x)
+        else:
+            raise ValueError(f'ConvNorm supports groups=1 or depthwise, got groups={self.groups}')
         return layers.batch_norm(train=train, dtype=self.dtype,
                                  scale_init=nn.initializers.constant(self.bn_scale_init),
                                  name='bn')(x)

@@ -1,0 +1,180 @@
+"""Dataset registry: a name -> its shard files, class list, domain and counts, with clear errors.
+
+Each dataset lives in `<data_dir>/<name>/` (meta.json + `<split>-NNNNN-of-MMMMM.array_record`,
+see `records.py`). `data_dir` defaults to `$SDTL_DATA_DIR`, else `~/.cache/sdtl_jax/data`.
+
+- `digits_real`, `digits_synth`: the embedded demo (`demo.py`), built on first use, no download.
+- `imagenet100_real`, `imagenet100_synth`: ImageNet-100 (CMC class list). Classes are the wnids
+  in sorted order, the labels an image-folder loader gives (SPEC.md section 8); real and
+  synthetic share them.
+- `pets_real`, `pets_synth`: Oxford-IIIT Pet, 37 breeds in the official label order (classes are
+  the official file prefixes, e.g. 'Abyssinian', 'american_bulldog'). Real splits: `train`
+  holds the official trainval list (3,680 images), `test` the test list (SPEC.md section 8);
+  every training split is called `train`, so one config key serves real and synthetic data.
+
+The ImageNet-100 and Pets shards are made with `python -m sdtl_jax.data.write_arrayrecord`
+(image folder, one sub-folder per class); dedicated importers come in a later release.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+from sdtl_jax.data import records
+
+_REFERENCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              'reference')
+DIGIT_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSplit:
+    """One split of a dataset, as the input pipeline reads it."""
+    name: str
+    split: str
+    files: list[str]          # absolute paths of the ArrayRecord shards
+    num_examples: int
+    classes: list[str]
+    domain: str               # 'real' | 'synth'
+    class_counts: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the registry knows about a dataset before any file is read."""
+    name: str
+    family: str               # 'digits' | 'imagenet100' | 'pets'
+    domain: str               # 'real' | 'synth'
+    splits: tuple[str, ...]   # the splits the experiments read
+    demo: bool                # built on first use by demo.py
+    description: str
+
+    @property
+    def classes(self) -> list[str]:
+        """Class ids in label order."""
+        return class_list(self.family)
+
+
+DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
+    DatasetInfo('digits_real', 'digits', 'real', ('train', 'val'), True,
+                'sklearn digits (1,797 images, 8x8), stratified 80/20 train/val split'),
+    DatasetInfo('digits_synth', 'digits', 'synth', ('train', 'val'), True,
+                'digits rendered from matplotlib fonts with affine jitter, 8x8 like the real'),
+    DatasetInfo('imagenet100_real', 'imagenet100', 'real', ('train', 'val'), False,
+                'ImageNet-100 (CMC subset): 126,689 train, 5,000 val images'),
+    DatasetInfo('imagenet100_synth', 'imagenet100', 'synth', ('train',), False,
+                'Stable Diffusion 1.4 images of the ImageNet-100 classes, 1,300 per class'),
+    DatasetInfo('pets_real', 'pets', 'real', ('train', 'test'), False,
+                'Oxford-IIIT Pet: train = the official trainval (3,680), test 3,669 images'),
+    DatasetInfo('pets_synth', 'pets', 'synth', ('train',), False,
+                'Stable Diffusion XL images of the 37 breeds, 100 per class'),
+)}
+
+
+def default_data_dir() -> str:
+    """$SDTL_DATA_DIR, else ~/.cache/sdtl_jax/data."""
+    return os.path.expanduser(os.environ.get('SDTL_DATA_DIR')
+                              or os.path.join('~', '.cache', 'sdtl_jax', 'data'))
+
+
+def load_reference(filename: str) -> dict[str, Any]:
+    """Parses one of the JSON files in sdtl_jax/reference/."""
+    with open(os.path.join(_REFERENCE_DIR, filename)) as f:
+        return json.load(f)
+
+
+@functools.cache
+def _class_list(family: str) -> tuple[str, ...]:
+    if family == 'digits':
+        return tuple(str(d) for d in range(10))
+    if family == 'imagenet100':
+        return tuple(sorted(c['wnid'] for c in load_reference('imagenet100.json')['classes']))
+    if family == 'pets':
+        classes = sorted(load_reference('pets37.json')['classes'], key=lambda c: c['label'])
+        return tuple(c['file_prefix'] for c in classes)
+    raise ValueError(f'Unknown dataset family {family!r}')
+
+
+def class_list(family: str) -> list[str]:
+    """The class ids of a family ('digits', 'imagenet100', 'pets'), in label order."""
+    return list(_class_list(family))
+
+
+def get(name: str) -> DatasetInfo:
+    """The registry entry; ValueError listing the known names for an unknown one."""
+    if name not in DATASETS:
+        raise ValueError(f'Unknown dataset {name!r}; known datasets: {sorted(DATASETS)}')
+    return DATASETS[name]
+
+
+def _missing_message(info: DatasetInfo, dataset_dir: str, split: str, problem: str) -> str:
+    return (f'{problem}\nDataset {info.name!r} ({info.description}) must be in {dataset_dir}/: '
+            f'{records.META_FILE} and the shards {split}-NNNNN-of-MMMMM.array_record '
+            f'(splits used: {", ".join(info.splits)}). Make them from an image folder with one '
+            f'sub-folder per class ({len(info.classes)} classes, e.g. {info.classes[0]!r}):\n'
+            f'  python -m sdtl_jax.data.write_arrayrecord --src=<image folder> '
+            f'--out={dataset_dir} --split={split} --domain={info.domain} --name={info.name}\n'
+            f'(dedicated importers come in a later release; set $SDTL_DATA_DIR or '
+            f'config.data.data_dir to use another data directory).')
+
+
+def resolve(name: str, data_dir: str | os.PathLike | None = None,
+            split: str = 'train') -> DatasetSplit:
+    """Finds a dataset split on disk and checks it against the registry.
+
+    The demo datasets are built on first use. Raises ValueError for an unknown name, a class list
+    that differs from the registry's or a domain mismatch; FileNotFoundError, naming the expected
+    directory, files and the command that makes them, when the data is not there.
+    """
+    info = get(name)
+    data_dir = os.fspath(data_dir) if data_dir else default_data_dir()
+    dataset_dir = os.path.join(data_dir, name)
+    if info.demo:
+        # Imported here: demo pulls in sklearn and matplotlib, which real runs never need.
+        from sdtl_jax.data import demo
+        demo.ensure_demo_data(data_dir)
+    try:
+        meta = records.read_meta(dataset_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(_missing_message(info, dataset_dir, split, str(e))) from None
+    meta_path = os.path.join(dataset_dir, records.META_FILE)
+    if meta['classes'] != info.classes:
+        diff = [(i, a, b) for i, (a, b) in enumerate(zip(meta['classes'], info.classes)) if a != b]
+        raise ValueError(
+            f'{meta_path} lists {len(meta["classes"])} classes, the registry has '
+            f'{len(info.classes)} for {name!r}; first differences (label, meta.json, registry): '
+            f'{diff[:5]}. Labels must follow the registry order (real and synthetic share it): '
+            f'rewrite the shards with write_arrayrecord --name={name}.')
+    if meta['domain'] != info.domain:
+        raise ValueError(f'{meta_path} says domain {meta["domain"]!r}, the registry says '
+                         f'{info.domain!r} for {name!r}')
+    if split not in meta['splits']:
+        raise FileNotFoundError(_missing_message(
+            info, dataset_dir, split,
+            f'{meta_path} has no split {split!r} (it has {sorted(meta["splits"])}).'))
+    return dataclasses.replace(split_from_dir(dataset_dir, split, meta=meta), name=name)
+
+
+def split_from_dir(dataset_dir: str | os.PathLike, split: str,
+                   meta: dict[str, Any] | None = None) -> DatasetSplit:
+    """A split of any dataset directory (registered or not), checked for missing shards."""
+    dataset_dir = os.fspath(dataset_dir)
+    meta = meta or records.read_meta(dataset_dir)
+    meta_path = os.path.join(dataset_dir, records.META_FILE)
+    if split not in meta['splits']:
+        raise FileNotFoundError(f'{meta_path} has no split {split!r} (it has '
+                                f'{sorted(meta["splits"])})')
+    entry = meta['splits'][split]
+    files = [os.path.join(dataset_dir, f) for f in entry['files']]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f'{len(missing)} shard(s) listed in {meta_path} are missing, '
+                                f'e.g. {missing[0]}; rewrite split {split!r} with '
+                                f'python -m sdtl_jax.data.write_arrayrecord')
+    return DatasetSplit(name=meta['name'], split=split, files=files,
+                        num_examples=entry['num_examples'], classes=list(meta['classes']),
+                        domain=meta['domain'], class_counts=list(entry['class_counts']))

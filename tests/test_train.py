@@ -1,0 +1,151 @@
+"""End to end on the embedded digits: smoke runs of every config, transfer, resume after kill."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sdtl_jax import checkpointing, train
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def load_config(name, arg):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+    """One copy of the demo data for the whole session (built on first use by the pipeline)."""
+    return str(tmp_path_factory.mktemp('data'))
+
+
+def smoke(name, arg, data_dir, **overrides):
+    config = load_config(name, f'smoke,{arg}' if arg else 'smoke')
+    config.data.data_dir = data_dir
+    for key, value in overrides.items():
+        section, _, leaf = key.rpartition('.')
+        (config[section] if section else config)[leaf] = value
+    return config
+
+
+RESULT_KEYS = {'top1_mean', 'top1_std', 'top5_mean', 'top5_std', 'train_loss_mean',
+               'train_loss_std', 'num_frozen', 'model', 'train_data', 'eval_data', 'epochs',
+               'wall_seconds'}
+
+
+@pytest.mark.parametrize('name, arg', [
+    ('baseline', 'domain=real'),
+    ('baseline', 'domain=synth,model=tinyvit_5m,data=pets'),
+    ('real_to_synth', 'num_frozen=8'),
+    ('synth_to_real', 'num_frozen=8,model=tinyvit_5m,data=pets'),
+])
+def test_smoke_run(name, arg, data_dir, tmp_path):
+    config = smoke(name, arg, data_dir)
+    results = train.run(config, str(tmp_path))
+    assert RESULT_KEYS <= set(results)
+    assert np.isfinite(results['train_loss_mean']) and 0 <= results['top1_mean'] <= 100
+    assert results['top5_mean'] >= results['top1_mean']
+    assert json.loads((tmp_path / 'results.json').read_text()) == results
+    lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])['num_images'] == 360   # every val image
+    assert (tmp_path / 'config.json').exists()
+    assert any((tmp_path / 'tensorboard').iterdir())
+    if name != 'baseline':
+        assert (tmp_path / 'source' / 'results.json').exists()
+        assert results['source'] == str(tmp_path / 'source')
+
+
+def _variables(workdir):
+    params, stats, _ = checkpointing.load_variables(str(workdir))
+    return params, stats
+
+
+@pytest.fixture(scope='module')
+def source_run(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp('source')
+    train.run(smoke('baseline', 'domain=real', data_dir), str(workdir))
+    return workdir
+
+
+@pytest.mark.parametrize('num_frozen', [4, 16])
+def test_transfer_keeps_frozen_layers_bit_identical(num_frozen, source_run, data_dir,
+                                                    tmp_path):
+    config = smoke('real_to_synth', f'num_frozen={num_frozen}', data_dir,
+                   **{'transfer.init_from': str(source_run)})
+    results = train.run(config, str(tmp_path))
+    assert not (tmp_path / 'source').exists()        # init_from given: no source stage
+    src_params, src_stats = _variables(source_run)
+    params, stats = _variables(tmp_path)
+    names = list(params)  # checkpoints keep the layer order of the model
+    from sdtl_jax import models
+    names = models.build(config.model, num_classes=10).layer_names()
+    for i, name in enumerate(names):
+        for tree, src in ((params, src_params), (stats, src_stats)):
+            if name not in src:
+                continue
+            equal = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tree[name]),
+                                                           jax.tree.leaves(src[name]))]
+            assert all(equal) if i < num_frozen else not all(equal), (name, i)
+    assert results['num_frozen'] == num_frozen
+
+
+def test_mismatched_source_is_refused_with_the_keys(source_run, data_dir, tmp_path):
+    config = smoke('real_to_synth', 'num_frozen=4', data_dir,
+                   **{'transfer.init_from': str(source_run)})
+    config.model.width = 16          # another width: every stem tensor differs in shape
+    with pytest.raises(ValueError, match=r'params/stem/.*source shape'):
+        train.run(config, str(tmp_path))
+
+
+def test_finished_run_is_reused(source_run, data_dir):
+    before = (source_run / 'results.json').read_text()
+    results = train.run(smoke('baseline', 'domain=real', data_dir), str(source_run))
+    assert json.loads(before) == results
+
+
+def test_missing_dataset_names_the_folder(tmp_path):
+    config = load_config('baseline', 'domain=real')
+    config.data.data_dir = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match='imagenet100_real'):
+        train.run(config, str(tmp_path / 'run'))
+
+
+def test_sigkill_then_rerun_resumes(data_dir, tmp_path):
+    """Killed mid-training, the same command resumes from the last checkpoint and finishes."""
+    workdir = tmp_path / 'run'
+    cmd = [sys.executable, '-m', 'sdtl_jax.main', '--config=configs/baseline.py:smoke',
+           f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+           '--config.num_epochs=30', '--config.eval.every_epochs=100']
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt_dir = workdir / 'checkpoints'
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.name) for p in ckpt_dir.glob('[0-9]*')] if ckpt_dir.exists() else []
+        if steps and max(steps) >= 6:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, 'the run ended before it could be killed: ' + proc.stderr.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / 'results.json').exists()
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = [line for line in rerun.stderr.splitlines() if 'Resumed' in line]
+    assert resumed, rerun.stderr[-3000:]
+    assert int(resumed[0].rsplit(' ', 1)[-1]) >= 6        # not started over
+    results = json.loads((workdir / 'results.json').read_text())
+    assert results['steps'] == 90
