@@ -62,7 +62,7 @@ def checkpoints_dir(path: str) -> str:
 
 def load_variables(path: str) -> tuple[dict, dict, int]:
     """Reads params and batch_stats of the latest checkpoint under `path`, as NumPy trees."""
-    directory = checkpoints_dir(path)
+    directory = os.path.abspath(checkpoints_dir(path))   # Orbax wants absolute paths
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f'No checkpoint directory at {path!r}: transfer.init_from must name a run workdir '

@@ -19,17 +19,20 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    if not FLAGS['verbosity'].present:
+        # Orbax and grain log every save and read at INFO; status lines come from train.py.
+        logging.set_verbosity(logging.WARNING)
     # Imported after flag parsing so `--help` stays fast and XLA flags from the environment apply.
     import jax
 
-    from sdtl_jax import train
+    from sdtl_jax import metrics_io, train
 
     # Multi-host (TPU pods, SLURM): the launcher sets SDTL_MULTIHOST=1; on a single host the
     # call would fail on CPU, so it is opt-in, as in big_vision.
     if os.environ.get('SDTL_MULTIHOST') == '1':
         jax.distributed.initialize()
-    logging.info('JAX %s: %d process(es), %d device(s): %s', jax.__version__,
-                 jax.process_count(), jax.device_count(), jax.devices()[0].platform)
+    metrics_io.say(f'JAX {jax.__version__}: {jax.process_count()} process(es), '
+                   f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
     results = train.run(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         print(json.dumps(results, indent=2, sort_keys=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 from typing import Any, Sequence
 
 import tqdm
@@ -87,3 +88,10 @@ def progress(total: int, initial: int, desc: str, *, enabled: bool):
     """A progress bar with rate and ETA on process 0."""
     return tqdm.tqdm(total=total, initial=initial, desc=desc, disable=not enabled,
                      unit='step', dynamic_ncols=True, mininterval=2.0)
+
+
+def say(message: str) -> None:
+    """A status line on stderr from process 0, printed above the progress bar."""
+    import jax
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message, file=sys.stderr)

@@ -8,7 +8,7 @@ taken over from the source and frozen (SPEC.md sections 1 and 7).
 from __future__ import annotations
 
 import functools
-import logging
+import json
 import math
 import os
 import time
@@ -111,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                       keep=config.checkpoint.keep)
     if os.path.exists(results_path) and ckpt.latest_step() == steps.total:
-        logging.info('%s is finished; reusing its results', workdir)
+        metrics_io.say(f'{workdir} is finished; reusing its results')
         ckpt.close()
         return _read_json(results_path)
 
@@ -136,13 +136,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                               batch_stats=batch_stats, opt_state=tx.init(params),
                               rng=state_rng)
         state = ckpt.restore(jax.device_put(template, replicated), train_iter)
-        logging.info('Resumed %s at step %d', workdir, int(state.step))
+        metrics_io.say(f'Resumed {workdir} at step {int(state.step)}')
     else:
         if source:
             layers = layer_names[:num_frozen] if config.transfer.reinit else layer_names
             params, batch_stats = checkpointing.load_for_transfer(
                 jax.device_get(params), jax.device_get(batch_stats), source, layers)
-            logging.info('Loaded layers %s from %s', list(layers), source)
+            metrics_io.say(f'{workdir}: loaded layers {layers[0]}..{layers[-1]} from {source}')
         state = jax.device_put(
             TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                        opt_state=tx.init(params), rng=state_rng), replicated)
@@ -150,10 +150,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     total_params = num_params(state.params)
     trainable_params = num_params({k: v for k, v in state.params.items()
                                    if k not in layer_names[:num_frozen]})
-    logging.info('%s: %s on %s, %d params (%d trainable), global batch %d (%d per device), '
-                 '%d steps (%d per epoch)', workdir, config.model.name, config.data.train,
-                 total_params, trainable_params, config.global_batch,
-                 config.global_batch // jax.device_count(), steps.total, steps.per_epoch)
+    metrics_io.say(
+        f'{workdir}: {config.model.name} on {config.data.train}, {total_params:,} params '
+        f'({trainable_params:,} trainable, {num_frozen} of {len(layer_names)} layers frozen), '
+        f'global batch {config.global_batch} ({config.global_batch // jax.device_count()} per '
+        f'device), {steps.total} steps ({steps.per_epoch} per epoch)')
 
     step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn,
                                         dtype=dtype),
@@ -234,7 +235,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             'wall_seconds': wall_offset + time.time() - t_start,
         }
         metrics_io.write_json(results_path, results)
-        logging.info('Results of %s: %s', workdir, results)
     writer.close()
     return results
 
@@ -249,6 +249,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _read_json(path):
-    import json
     with open(path) as f:
         return json.load(f)

@@ -1,9 +1,10 @@
 """Model contract tests: exact sizes, the 18 named layers, shapes, cosine head, freezing.
 
-Anything that really runs uses the small variants (same 18 layers, narrow) and runs eagerly
-(op by op: faster than compiling the whole model for a single call); the full-size models are
-only traced with jax.eval_shape. Real inits use an 'unsafe_rbg' key: the init's cost is almost
-all the compilation of one PRNG draw per parameter, and threefry compiles several times slower.
+Anything that really runs uses the small variants (same 18 layers, narrow), and each model is
+compiled once, for one train step whose results several tests read; shapes at other sizes and
+the full-size models are only traced with jax.eval_shape. Real inits use an 'unsafe_rbg' key:
+an init's cost is almost all the compilation of one PRNG draw per parameter, and threefry
+compiles several times slower.
 """
 
 import functools
@@ -216,6 +217,26 @@ def test_cosine_classifier():
     aligned = head.apply(params, 3.0 * kernel[:, 2][None])
     np.testing.assert_allclose(aligned[0, 2], 10.0, rtol=1e-5)
     assert np.all(np.isfinite(head.apply(params, jnp.zeros((1, 16)))))
+
+
+@pytest.mark.parametrize('size, strides', [(7, 1), (8, 2), (7, 2)])
+def test_fast_convs_match_lax_convolution(size, strides):
+    """DepthwiseConv / PointwiseConv == PyTorch-style conv (symmetric padding k // 2)."""
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
+
+    def reference(kernel, groups):
+        pad = kernel.shape[0] // 2
+        return jax.lax.conv_general_dilated(
+            x, kernel, (strides, strides), ((pad, pad), (pad, pad)),
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+
+    key = jax.random.key(1, impl='unsafe_rbg')
+    for conv, groups in [(layers.DepthwiseConv(3, strides), 6),
+                         (layers.PointwiseConv(5, strides), 1)]:
+        params = conv.init(key, x)
+        np.testing.assert_allclose(conv.apply(params, x),
+                                   reference(params['params']['kernel'], groups),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_tinyvit_details():

@@ -91,6 +91,27 @@ class CosineClassifier(nn.Module):
         return l2_normalize(x, axis=-1) @ l2_normalize(kernel.astype(x.dtype), axis=0) / self.tau
 
 
+class PointwiseConv(nn.Module):
+    """Bias-free 1x1 convolution (stride s, no padding) computed as a matmul.
+
+    Same parameter as `nn.Conv(features, (1, 1), use_bias=False)`: 'kernel' of shape
+    (1, 1, in, features). XLA's CPU convolution is slower than a dot for 1x1 kernels,
+    mostly in the backward pass: a ResNet-50 train step (224 px, batch 8, 2 cores) took
+    about 22% less CPU time this way (3.9 s against 5.0 s per step, measured under load).
+    """
+    features: int
+    strides: int = 1
+    kernel_init: Any = torch_default_init
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features),
+                            jnp.float32)
+        x = x[:, ::self.strides, ::self.strides]  # PyTorch: pixels 0, s, 2s, ... (no padding)
+        return jnp.einsum('bhwc,cd->bhwd', x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+
+
 class DepthwiseConv(nn.Module):
     """Bias-free depthwise convolution (PyTorch `groups=channels`, padding k // 2).
 
@@ -130,7 +151,7 @@ def check_frozen(num_frozen: int, frozen_bn: str) -> None:
         raise ValueError(f'frozen_bn must be one of {FROZEN_BN}, got {frozen_bn!r}')
 
 
-def run_layers(layers, x: jax.Array, *, train: bool, num_frozen: int, frozen_bn: str):
+def run_layers(named_layers, x: jax.Array, *, train: bool, num_frozen: int, frozen_bn: str):
     """Runs `(name, layer)` pairs in order under the freezing contract of `models.build`.
 
     Layers `i < num_frozen` run BatchNorm on the running statistics (no update) unless
@@ -143,7 +164,7 @@ def run_layers(layers, x: jax.Array, *, train: bool, num_frozen: int, frozen_bn:
       eval_shape; a plain dict would come back sorted.
     """
     out = collections.OrderedDict()
-    for i, (name, layer) in enumerate(layers):
+    for i, (name, layer) in enumerate(named_layers):
         frozen = i < num_frozen
         x = layer(x, train=train and (not frozen or frozen_bn == 'adapt'))
         if i == num_frozen - 1:

@@ -27,8 +27,10 @@ from sdtl_jax.models import layers
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def conv(features: int, kernel_size: int, strides: int, dtype: Any, name: str) -> nn.Conv:
+def conv(features: int, kernel_size: int, strides: int, dtype: Any, name: str) -> nn.Module:
     """Bias-free convolution with PyTorch's symmetric `padding=k // 2`."""
+    if kernel_size == 1:
+        return layers.PointwiseConv(features, strides, conv_init, dtype, name=name)
     return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
                    padding=layers.padding(kernel_size), use_bias=False, kernel_init=conv_init,
                    dtype=dtype, param_dtype=jnp.float32, name=name)

@@ -56,7 +56,9 @@ class ConvNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         k = self.kernel_size
-        if self.groups == 1:
+        if self.groups == 1 and k == 1:
+            x = layers.PointwiseConv(self.features, self.strides, dtype=self.dtype, name='conv')(x)
+        elif self.groups == 1:
             x = nn.Conv(self.features, (k, k), strides=(self.strides, self.strides),
                         padding=layers.padding(k), use_bias=False,
                         kernel_init=layers.torch_default_init, dtype=self.dtype,
