@@ -68,9 +68,9 @@ def summarize(records: Sequence[dict[str, Any]], last_epochs: int) -> dict[str, 
         raise ValueError('No evaluation was recorded in metrics.jsonl')
     out = {}
     for key in ('top1', 'top5', 'train_loss'):
-        values = [r[key] for r in last]
-        out[f'{key}_mean'] = statistics.fmean(values)
-        out[f'{key}_std'] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        values = [r[key] for r in last if r[key] is not None]   # None: no training (N = 18)
+        out[f'{key}_mean'] = statistics.fmean(values) if values else None
+        out[f'{key}_std'] = statistics.pstdev(values) if values else None
     out['num_evals'] = len(last)
     return out
 

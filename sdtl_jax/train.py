@@ -161,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       donate_argnums=0, out_shardings=(replicated, replicated))
     eval_fn = evaluate.make_eval_fn(model, mesh, dtype)
 
-    def run_eval(epoch: int, step: int, train_loss: float, lr: float, wall_offset: float):
+    def run_eval(epoch: int, step: int, train_loss: float | None, lr: float, wall_offset: float):
         acc = evaluate.accuracy(eval_fn, state.params, state.batch_stats,
                                 input_pipeline.eval_batches(
                                     eval_split, global_batch=config.eval.global_batch,
@@ -180,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     if num_frozen == len(layer_names):
         # N = 18: every layer is taken over; evaluate the pre-trained model untouched.
-        run_eval(0, 0, math.nan, 0.0, wall_offset)
+        run_eval(0, 0, None, 0.0, wall_offset)
         ckpt.save(steps.total, state, train_iter)
         last_epochs = range(0, 1)
         start_step = steps.total

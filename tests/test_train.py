@@ -100,6 +100,19 @@ def test_transfer_keeps_frozen_layers_bit_identical(num_frozen, source_run, data
     assert results['num_frozen'] == num_frozen
 
 
+def test_all_18_frozen_evaluates_the_source_untouched(source_run, data_dir, tmp_path):
+    config = smoke('real_to_synth', 'num_frozen=18', data_dir,
+                   **{'transfer.init_from': str(source_run)})
+    results = train.run(config, str(tmp_path))
+    source = json.loads((source_run / 'results.json').read_text())
+    assert results['top1_mean'] == source['top1_mean']      # the same weights, the same images
+    assert results['train_loss_mean'] is None and results['steps'] == 3
+    params, stats = _variables(tmp_path)
+    src_params, src_stats = _variables(source_run)
+    for a, b in zip(jax.tree.leaves((params, stats)), jax.tree.leaves((src_params, src_stats))):
+        assert np.array_equal(a, b)
+
+
 def test_mismatched_source_is_refused_with_the_keys(source_run, data_dir, tmp_path):
     config = smoke('real_to_synth', 'num_frozen=4', data_dir,
                    **{'transfer.init_from': str(source_run)})
@@ -133,7 +146,9 @@ def test_sigkill_then_rerun_resumes(data_dir, tmp_path):
     ckpt_dir = workdir / 'checkpoints'
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        steps = [int(p.name) for p in ckpt_dir.glob('[0-9]*')] if ckpt_dir.exists() else []
+        # Finished checkpoints only: a save in flight is a '<step>.orbax-checkpoint-tmp' folder.
+        steps = ([int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()]
+                 if ckpt_dir.exists() else [])
         if steps and max(steps) >= 6:
             break
         time.sleep(0.2)
