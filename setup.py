@@ -27,7 +27,7 @@ TEST = ['pytest>=8.0', 'ruff>=0.6']
 setuptools.setup(
     name='sdtl_jax',
     version='0.1.0',
-    description='Synthetic-to-real transfer learning for vision (Hennicke et al., 2024) in JAX/Flax',
+    description='Synthetic-to-real transfer learning for vision (Hennicke et al., 2024)',
     packages=setuptools.find_packages(include=['sdtl_jax', 'sdtl_jax.*']),
     package_data={'sdtl_jax': ['reference/*.json']},
     python_requires='>=3.10',

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -67,7 +69,8 @@ def main():
     parser.add_argument('--append', action='store_true', help='append to bench/RESULTS.md')
     args = parser.parse_args()
     dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
-    device = f'{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.processor()})'
+    device = (f'{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores, '
+              f'{platform.machine()}')
     results = {}
     for n in [int(x) for x in args.num_frozen.split(',')]:
         results[n] = time_step(num_frozen=n, width=args.width, image_size=args.image_size,
@@ -88,7 +91,6 @@ def main():
 
 
 def _argv():
-    import sys
     return [a for a in sys.argv[1:] if a != '--append']
 
 

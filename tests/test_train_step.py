@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from sdtl_jax import config_lib, models, optim, sharding, train
 from sdtl_jax.data import normalize
