@@ -17,10 +17,4 @@ from sdtl_jax import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, data='imagenet100', model='', num_frozen=16, demo=False,
-                               smoke=False)
-    c = config_lib.base(data=arg.data, model=arg.model or None, demo=arg.demo, smoke=arg.smoke)
-    c.transfer.source_data = c.data.real
-    c.data.train = c.data.synth
-    c.transfer.num_frozen = arg.num_frozen
-    return c
+    return config_lib.transfer(arg, source='real', target='synth')

@@ -34,7 +34,7 @@ SMALL_MODELS = {
     'tinyvit_5m': dict(embed_dims=(16, 32, 40, 80), num_heads=(1, 2, 2, 4)),
 }
 MODELS = tuple(SMALL_MODELS)
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('auto', 'float32', 'bfloat16')
 FROZEN_BN = layers.FROZEN_BN
 NUM_LAYERS = layers.NUM_LAYERS
 
@@ -87,7 +87,7 @@ def base(*, data: str, model: str | None = None, demo: bool = False,
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = ml_collections.ConfigDict({'name': model})
-    c.dtype = 'float32'                 # compute dtype; 'bfloat16' on GPU/TPU (params stay f32)
+    c.dtype = 'auto'    # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU; params f32
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = ''                # '' = $SDTL_DATA_DIR or ~/.cache/sdtl_jax/data
@@ -166,6 +166,19 @@ def base(*, data: str, model: str | None = None, demo: bool = False,
     return c
 
 
+def transfer(arg: str | None, *, source: str, target: str) -> ml_collections.ConfigDict:
+    """A transfer experiment: pre-train on domain `source`, train the rest on `target`.
+
+    `arg` takes data, model, num_frozen (default 16, the paper's data-reduction N), demo, smoke.
+    """
+    arg = parse_arg(arg, data='imagenet100', model='', num_frozen=16, demo=False, smoke=False)
+    c = base(data=arg.data, model=arg.model or None, demo=arg.demo, smoke=arg.smoke)
+    c.transfer.source_data = c.data[source]
+    c.data.train = c.data[target]
+    c.transfer.num_frozen = arg.num_frozen
+    return c
+
+
 def source_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config of the pre-training stage that a transfer run starts from."""
     source = config.copy_and_resolve_references()
@@ -235,6 +248,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
     check(config.eval.crop <= config.eval.resize, 'eval.crop', '<= eval.resize')
     check(math.isfinite(config.optim.base_lr) and config.optim.base_lr > 0, 'optim.base_lr',
           '> 0')
+
+
+def compute_dtype(name: str, platform: str) -> str:
+    """Resolves `config.dtype`: 'auto' is bfloat16 on accelerators, float32 on CPU (where
+    bfloat16 is emulated and slower)."""
+    if name == 'auto':
+        return 'float32' if platform == 'cpu' else 'bfloat16'
+    return name
 
 
 def _get(config, dotted_key):

@@ -76,6 +76,7 @@ def num_params(tree) -> int:
 
 
 def _dtype(name: str):
+    name = config_lib.compute_dtype(name, jax.devices()[0].platform)
     return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
 
 
@@ -103,8 +104,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     model = models.build(config.model, num_classes=len(train_split.classes),
                          num_frozen=num_frozen, frozen_bn=config.transfer.frozen_bn, dtype=dtype)
     layer_names = model.layer_names()
-    config_lib.validate(config, num_devices=jax.device_count(),
-                        num_processes=jax.process_count(), num_layers=len(layer_names))
 
     # Finished before: reuse (the source stage of a transfer is shared by every N).
     results_path = os.path.join(workdir, 'results.json')
@@ -118,7 +117,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer = metrics_io.Writer(workdir, enabled=is_main)
     writer.write_config(config)
     replicated = sharding.replicated(mesh)
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    # The transfer stage draws other initial weights than its source did: re-initialised layers
+    # must not restart from the source's own initialisation.
+    stage_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1 if source else 0)
+    init_rng, state_rng = jax.random.split(stage_key)
     variables = jax.jit(functools.partial(models.init, model, image_size=config.aug.global_size),
                         out_shardings=replicated)(init_rng)
     params, batch_stats = variables['params'], variables.get('batch_stats', {})
@@ -131,21 +133,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         process_index=process_index, process_count=process_count,
         num_threads=config.data.num_threads, max_examples=config.data.max_train_examples))
 
+    def new_state(params, batch_stats):
+        return jax.device_put(
+            TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params), rng=state_rng), replicated)
+
     if ckpt.latest_step() is not None:
-        template = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              batch_stats=batch_stats, opt_state=tx.init(params),
-                              rng=state_rng)
-        state = ckpt.restore(jax.device_put(template, replicated), train_iter)
+        state = ckpt.restore(new_state(params, batch_stats), train_iter)
         metrics_io.say(f'Resumed {workdir} at step {int(state.step)}')
     else:
-        if source:
-            layers = layer_names[:num_frozen] if config.transfer.reinit else layer_names
+        layers = layer_names[:num_frozen] if config.transfer.reinit else layer_names
+        if source and layers:
             params, batch_stats = checkpointing.load_for_transfer(
                 jax.device_get(params), jax.device_get(batch_stats), source, layers)
             metrics_io.say(f'{workdir}: loaded layers {layers[0]}..{layers[-1]} from {source}')
-        state = jax.device_put(
-            TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params), rng=state_rng), replicated)
+        state = new_state(params, batch_stats)
 
     total_params = num_params(state.params)
     trainable_params = num_params({k: v for k, v in state.params.items()
@@ -242,7 +244,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """One experiment: the source stage if the transfer needs one, then the configured stage."""
     source = config.transfer.init_from
-    if config.transfer.source_data and not source:
+    # With N = 0 and re-initialisation nothing is taken over: the source stage would be wasted.
+    takes_layers = config.transfer.num_frozen > 0 or not config.transfer.reinit
+    if config.transfer.source_data and not source and takes_layers:
         source = os.path.join(workdir, 'source')
         train_and_evaluate(config_lib.source_stage(config), source)
     return train_and_evaluate(config, workdir, source=source)

@@ -88,3 +88,10 @@ def test_steps_drop_the_last_partial_batch():
     c = load(pathlib.Path('configs/real_to_synth.py'))
     s = config_lib.steps(c, 126_689)          # ImageNet-100 real train
     assert (s.per_epoch, s.total, s.warmup) == (1979, 197_900, 19_790)
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_only():
+    assert config_lib.compute_dtype('auto', 'cpu') == 'float32'
+    assert config_lib.compute_dtype('auto', 'gpu') == 'bfloat16'
+    assert config_lib.compute_dtype('auto', 'tpu') == 'bfloat16'
+    assert config_lib.compute_dtype('float32', 'gpu') == 'float32'
