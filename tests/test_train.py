@@ -105,10 +105,12 @@ def test_reinit_false_fine_tunes_the_source_weights(reinit, source_run, data_dir
     config = smoke('real_to_synth', 'num_frozen=4', data_dir,
                    **{'transfer.init_from': str(source_run), 'transfer.reinit': reinit})
     train.run(config, str(tmp_path))
-    head = _variables(tmp_path)[0]['head']['kernel']
-    source_head = _variables(source_run)[0]['head']['kernel']
-    distance = np.linalg.norm(head - source_head) / np.linalg.norm(source_head)
-    # 3 smoke steps barely move weights: fine-tuned stays near the source, re-initialised not.
+    # A trainable block (>= N): 3 smoke steps barely move its weights, so fine-tuned it stays
+    # near the source and re-initialised it does not. (Not the head: the cosine classifier's
+    # gradient scales with 1 / |w| and its small init moves fast.)
+    kernel = _variables(tmp_path)[0]['block15']['conv2']['kernel']
+    source_kernel = _variables(source_run)[0]['block15']['conv2']['kernel']
+    distance = np.linalg.norm(kernel - source_kernel) / np.linalg.norm(source_kernel)
     assert distance > 0.5 if reinit else distance < 0.05
 
 
