@@ -28,9 +28,13 @@ def main(argv):
     from sdtl_jax import metrics_io, train
 
     # Multi-host (TPU pods, SLURM): the launcher sets SDTL_MULTIHOST=1; on a single host the
-    # call would fail on CPU, so it is opt-in, as in big_vision.
+    # call would fail on CPU, so it is opt-in, as in big_vision. Where JAX cannot detect the
+    # cluster, JAX_COORDINATOR_ADDRESS, SDTL_NUM_PROCESSES and SDTL_PROCESS_ID describe it.
     if os.environ.get('SDTL_MULTIHOST') == '1':
-        jax.distributed.initialize()
+        explicit = {k: int(os.environ[v]) for k, v in (('num_processes', 'SDTL_NUM_PROCESSES'),
+                                                       ('process_id', 'SDTL_PROCESS_ID'))
+                    if v in os.environ}
+        jax.distributed.initialize(**explicit)
     metrics_io.say(f'JAX {jax.__version__}: {jax.process_count()} process(es), '
                    f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
     results = train.run(FLAGS.config, FLAGS.workdir)

@@ -208,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             epoch_losses = []
             if epoch % config.eval.every_epochs == 0 or epoch in last_epochs:
                 record = run_eval(epoch, done, train_loss, float(metrics['lr']), wall_offset)
-                bar.write(f'epoch {epoch}/{config.num_epochs}: train loss {train_loss:.4f}, '
+                metrics_io.say(f'epoch {epoch}/{config.num_epochs}: train loss {train_loss:.4f}, '
                           f'top-1 {record["top1"]:.2f}%, top-5 {record["top5"]:.2f}%')
             if epoch % config.checkpoint.every_epochs == 0 or done == steps.total:
                 ckpt.save(done, state, train_iter)
