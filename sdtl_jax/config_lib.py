@@ -190,6 +190,13 @@ def source_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return source
 
 
+def transferred_layers(config: ml_collections.ConfigDict, layer_names) -> tuple:
+    """The layers a transfer stage takes over from its source: [0, N), or every layer when
+    `transfer.reinit=False` fine-tunes the source weights."""
+    names = tuple(layer_names)
+    return names[:config.transfer.num_frozen] if config.transfer.reinit else names
+
+
 def is_transfer(config: ml_collections.ConfigDict) -> bool:
     return bool(config.transfer.source_data or config.transfer.init_from)
 

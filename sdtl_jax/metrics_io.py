@@ -75,6 +75,11 @@ def summarize(records: Sequence[dict[str, Any]], last_epochs: int) -> dict[str, 
     return out
 
 
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_json(path: str, value: Any) -> None:
     """Writes atomically, so a reader never sees half a file."""
     tmp = f'{path}.tmp'

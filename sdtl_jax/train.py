@@ -8,7 +8,6 @@ taken over from the source and frozen (SPEC.md sections 1 and 7).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
@@ -112,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if os.path.exists(results_path) and ckpt.latest_step() == steps.total:
         metrics_io.say(f'{workdir} is finished; reusing its results')
         ckpt.close()
-        return _read_json(results_path)
+        return metrics_io.read_json(results_path)
 
     writer = metrics_io.Writer(workdir, enabled=is_main)
     writer.write_config(config)
@@ -142,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state = ckpt.restore(new_state(params, batch_stats), train_iter)
         metrics_io.say(f'Resumed {workdir} at step {int(state.step)}')
     else:
-        layers = layer_names[:num_frozen] if config.transfer.reinit else layer_names
+        layers = config_lib.transferred_layers(config, layer_names)
         if source and layers:
             params, batch_stats = checkpointing.load_for_transfer(
                 jax.device_get(params), jax.device_get(batch_stats), source, layers)
@@ -209,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             if epoch % config.eval.every_epochs == 0 or epoch in last_epochs:
                 record = run_eval(epoch, done, train_loss, float(metrics['lr']), wall_offset)
                 metrics_io.say(f'epoch {epoch}/{config.num_epochs}: train loss {train_loss:.4f}, '
-                          f'top-1 {record["top1"]:.2f}%, top-5 {record["top5"]:.2f}%')
+                               f'top-1 {record["top1"]:.2f}%, top-5 {record["top5"]:.2f}%')
             if epoch % config.checkpoint.every_epochs == 0 or done == steps.total:
                 ckpt.save(done, state, train_iter)
     bar.close()
@@ -245,13 +244,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """One experiment: the source stage if the transfer needs one, then the configured stage."""
     source = config.transfer.init_from
     # With N = 0 and re-initialisation nothing is taken over: the source stage would be wasted.
-    takes_layers = config.transfer.num_frozen > 0 or not config.transfer.reinit
+    takes_layers = config_lib.transferred_layers(config, range(config_lib.NUM_LAYERS))
     if config.transfer.source_data and not source and takes_layers:
         source = os.path.join(workdir, 'source')
         train_and_evaluate(config_lib.source_stage(config), source)
     return train_and_evaluate(config, workdir, source=source)
 
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)

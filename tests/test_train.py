@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from sdtl_jax import checkpointing, train
+from sdtl_jax import checkpointing, models, train
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -87,8 +87,6 @@ def test_transfer_keeps_frozen_layers_bit_identical(num_frozen, source_run, data
     assert not (tmp_path / 'source').exists()        # init_from given: no source stage
     src_params, src_stats = _variables(source_run)
     params, stats = _variables(tmp_path)
-    names = list(params)  # checkpoints keep the layer order of the model
-    from sdtl_jax import models
     names = models.build(config.model, num_classes=10).layer_names()
     for i, name in enumerate(names):
         for tree, src in ((params, src_params), (stats, src_stats)):
