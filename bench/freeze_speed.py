@@ -38,10 +38,8 @@ def time_step(*, num_frozen: int, width: int, image_size: int, batch: int, num_c
         jax.random.PRNGKey(0))
     tx, lr_fn = optim.make(config, variables['params'], model.layer_names(), warmup_steps=10,
                            total_steps=1000)
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                             batch_stats=variables['batch_stats'],
-                             opt_state=tx.init(variables['params']),
-                             rng=jax.random.PRNGKey(1))
+    state = train.initial_state(variables['params'], variables['batch_stats'], tx,
+                                jax.random.PRNGKey(1))
     rng = np.random.default_rng(0)
     data = {'global': rng.integers(0, 256, (batch, 1, image_size, image_size, 3), np.uint8),
             'label': rng.integers(0, num_classes, (batch,), np.int32)}

@@ -34,6 +34,12 @@ class TrainState:
     rng: jax.Array
 
 
+def initial_state(params, batch_stats, tx, rng) -> TrainState:
+    """Step 0: the given weights, a fresh optimizer state."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=rng)
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, dtype):
     """One SGD step on a multi-crop batch; pure, reads no config.
 
@@ -133,9 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         num_threads=config.data.num_threads, max_examples=config.data.max_train_examples))
 
     def new_state(params, batch_stats):
-        return jax.device_put(
-            TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params), rng=state_rng), replicated)
+        return jax.device_put(initial_state(params, batch_stats, tx, state_rng), replicated)
 
     if ckpt.latest_step() is not None:
         state = ckpt.restore(new_state(params, batch_stats), train_iter)

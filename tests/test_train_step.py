@@ -12,18 +12,17 @@ from sdtl_jax.data import normalize
 NUM_CLASSES = 10
 
 
-def _setup(num_frozen=0, model_config=None, dtype=jnp.float32):
+def _setup(num_frozen=0, dtype=jnp.float32):
     config = config_lib.base(data='digits', smoke=True)
     config.transfer.num_frozen = num_frozen
-    model = models.build(model_config or {'name': 'resnet50', 'width': 8},
+    model = models.build({'name': 'resnet50', 'width': 8},
                          num_classes=NUM_CLASSES, num_frozen=num_frozen, dtype=dtype)
     variables = models.init(model, jax.random.PRNGKey(0), image_size=32)
     # No warm-up: the first step already moves the params.
     tx, lr_fn = optim.make(config, variables['params'], model.layer_names(), warmup_steps=0,
                            total_steps=10)
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                             batch_stats=variables['batch_stats'],
-                             opt_state=tx.init(variables['params']), rng=jax.random.PRNGKey(1))
+    state = train.initial_state(variables['params'], variables['batch_stats'], tx,
+                                jax.random.PRNGKey(1))
     step = functools.partial(train.train_step, model=model, tx=tx, lr_fn=lr_fn,
                              dtype=dtype)
     return model, state, step
