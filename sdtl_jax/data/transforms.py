@@ -71,7 +71,7 @@ def decode_image(data: bytes, record_id: str = '?') -> np.ndarray:
     return np.asarray(decode_pil(data, record_id))
 
 
-def _record_image(element: Any) -> tuple[Image.Image, int]:
+def record_image(element: Any) -> tuple[Image.Image, int]:
     """(RGB PIL image, label) from raw record bytes or a `records.decode_record` dict."""
     if isinstance(element, (bytes, bytearray)):
         element = records.decode_record(element)
@@ -202,7 +202,7 @@ class MultiCrop(grain.transforms.RandomMap):
 
     def random_map(self, element: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Augments one record."""
-        image, label = _record_image(element)
+        image, label = record_image(element)
         out = {'global': np.stack([
             self.crop(image, rng, size=self.global_size, scale=self.global_scale,
                       blur_p=self.global_blur_p, solarize_p=self.global_solarize_p)
@@ -247,7 +247,7 @@ class EvalTransform(grain.transforms.Map):
 
     def map(self, element: Any) -> dict[str, np.ndarray]:
         """Transforms one record."""
-        image, label = _record_image(element)
+        image, label = record_image(element)
         image = center_crop(resize_shorter(image, self.resize), self.crop)
         return {'image': np.asarray(image, dtype=np.uint8), 'label': np.int32(label)}
 
