@@ -4,17 +4,21 @@ A dataset is a directory (see docs/architecture.md, "Data contract"):
 
     <data_dir>/<name>/meta.json
     <data_dir>/<name>/<split>-00000-of-00004.array_record
+    <data_dir>/<name>/<split>.labels.npy      int32, one label per record, in shard order
+    <data_dir>/<name>/<split>_unreadable.txt  importers: input path TAB reason, when any
+    <data_dir>/<name>/<split>.progress.json   importers: only while the split is being written
 
 Each record is a msgpack map `{"image": bytes, "label": int, "id": str, "meta": {...}}`, where
 `image` holds encoded JPEG or PNG bytes and `meta` holds provenance (for generated images: the
 generator, prompt, seed, ...). `meta.json` holds the name, the domain (`real` or `synth`), the
 class list, and per split the shard file names (relative to the dataset directory), the number of
-examples and the number of examples per class.
+examples and the number of examples per class. `<split>.labels.npy` lets stratified subsets be
+drawn without reading the shards; datasets written before it existed lack it (`read_labels`
+then returns None).
 """
 
 from __future__ import annotations
 
-import collections
 import io
 import json
 import os
@@ -88,19 +92,66 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f'{split}-{index:05d}-of-{num_shards:05d}.array_record'
 
 
+def is_shard_of(split: str, filename: str) -> bool:
+    """Whether `filename` is a shard name of `split`, whatever its shard count."""
+    return re.fullmatch(re.escape(split) + _SHARD_RE, filename) is not None
+
+
+def check_split_name(split: str) -> None:
+    """Split names become file names: letters, digits, "_" and "." only."""
+    if not re.fullmatch(r'[A-Za-z0-9_.]+', split):
+        raise ValueError(f'Split names may use letters, digits, "_" and ".", got {split!r}')
+
+
+def labels_path(dataset_dir: str | os.PathLike, split: str) -> str:
+    """`<dataset_dir>/<split>.labels.npy`."""
+    return os.path.join(os.fspath(dataset_dir), f'{split}.labels.npy')
+
+
+def write_labels(dataset_dir: str | os.PathLike, split: str, labels: Sequence[int]) -> str:
+    """Writes `<split>.labels.npy` (int32, record order) atomically; returns its path."""
+    path = labels_path(dataset_dir, split)
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        np.save(f, np.asarray(labels, dtype=np.int32).reshape(-1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_labels(dataset_dir: str | os.PathLike, split: str) -> np.ndarray | None:
+    """The labels of a split's records in shard order (int32), or None if the file is absent.
+
+    Raises ValueError when the file's length differs from the split's `num_examples` in
+    meta.json (a file left over from another write of the split).
+    """
+    path = labels_path(dataset_dir, split)
+    if not os.path.isfile(path):
+        return None
+    labels = np.load(path)
+    expected = read_meta(dataset_dir)['splits'].get(split, {}).get('num_examples')
+    if expected is not None and len(labels) != expected:
+        raise ValueError(f'{path} holds {len(labels)} labels, meta.json says split {split!r} has '
+                         f'{expected} examples; rewrite the split')
+    return labels.astype(np.int32, copy=False)
+
+
+def class_counts(labels: Sequence[int], num_classes: int) -> list[int]:
+    """Examples per class, for meta.json."""
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
+
+
 class ShardWriter:
     """Writes the records of one split into `<split>-NNNNN-of-MMMMM.array_record` shards.
 
     Shards are written under temporary names and get their final names only in `close()`, once
     the shard count is known, so a crash never leaves a complete-looking but truncated dataset.
-    Older shards of the same split are removed then. Use as a context manager, or call `close()`;
-    its result is the split entry of `meta.json`.
+    Older shards of the same split are removed then, and `<split>.labels.npy` is written. Use as
+    a context manager, or call `close()`; its result is the split entry of `meta.json`.
     """
 
     def __init__(self, dataset_dir: str | os.PathLike, split: str, *, num_classes: int,
                  records_per_shard: int = DEFAULT_RECORDS_PER_SHARD):
-        if not re.fullmatch(r'[A-Za-z0-9_.]+', split):
-            raise ValueError(f'Split names may use letters, digits, "_" and ".", got {split!r}')
+        check_split_name(split)
         if records_per_shard < 1:
             raise ValueError(f'records_per_shard must be >= 1, got {records_per_shard}')
         self.dataset_dir = os.fspath(dataset_dir)
@@ -110,7 +161,7 @@ class ShardWriter:
         self._tmp_files: list[str] = []
         self._writer = None
         self._in_shard = 0
-        self._counts: collections.Counter[int] = collections.Counter()
+        self._labels: list[int] = []
         self.num_examples = 0
         self._closed = False
         os.makedirs(self.dataset_dir, exist_ok=True)
@@ -137,7 +188,7 @@ class ShardWriter:
             self._open_next()
         self._writer.write(encode_record(image, label, id, meta))
         self._in_shard += 1
-        self._counts[int(label)] += 1
+        self._labels.append(int(label))
         self.num_examples += 1
 
     def _close_current(self) -> None:
@@ -155,13 +206,13 @@ class ShardWriter:
         for tmp, name in zip(self._tmp_files, files):
             os.replace(tmp, os.path.join(self.dataset_dir, name))
         # Shards of an earlier write of this split (maybe another shard count) would be stale.
-        pattern = re.compile(re.escape(self.split) + _SHARD_RE)
         for name in os.listdir(self.dataset_dir):
-            if pattern.fullmatch(name) and name not in files:
+            if is_shard_of(self.split, name) and name not in files:
                 os.remove(os.path.join(self.dataset_dir, name))
+        write_labels(self.dataset_dir, self.split, self._labels)
         self._closed = True
         self._info = {'files': files, 'num_examples': self.num_examples,
-                      'class_counts': [self._counts.get(c, 0) for c in range(self.num_classes)]}
+                      'class_counts': class_counts(self._labels, self.num_classes)}
         return self._info
 
     def abort(self) -> None:
@@ -244,7 +295,8 @@ def read_meta(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     layout = (f'A dataset directory holds {META_FILE} (name, domain, classes, splits) and the '
               f'shards <split>-NNNNN-of-MMMMM.array_record; make one with `python -m '
               f'sdtl_jax.data.write_arrayrecord --src=<image folder> --out={dataset_dir} '
-              f'--split=<split> --domain=real|synth`.')
+              f'--split=<split> --domain=real|synth` (or import_imagenet100, import_pets, '
+              f'import_tfds for the real datasets).')
     if not os.path.isdir(dataset_dir):
         raise FileNotFoundError(f'Dataset directory {dataset_dir} does not exist. {layout}')
     if not os.path.isfile(path):
@@ -257,6 +309,17 @@ def read_meta(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     return _validate_meta(meta, path)
 
 
+def _same_dataset(old: Mapping[str, Any], dataset_dir: str | os.PathLike, name: str, domain: str,
+                  classes: Sequence[str]) -> None:
+    """Raises ValueError when an existing meta.json has another name, domain or class list."""
+    for key, new in (('name', name), ('domain', domain), ('classes', list(classes))):
+        if old[key] != new:
+            shown = (f'{len(old[key])} classes vs {len(new)}' if key == 'classes'
+                     else f'{old[key]!r} vs {new!r}')
+            raise ValueError(f'{dataset_dir}/{META_FILE} exists with another {key} '
+                             f'({shown}); write to a new directory or delete it first')
+
+
 def add_split(dataset_dir: str | os.PathLike, *, name: str, domain: str, classes: Sequence[str],
               split: str, info: Mapping[str, Any]) -> str:
     """Adds (or replaces) one split in meta.json, keeping the other splits already there.
@@ -266,12 +329,27 @@ def add_split(dataset_dir: str | os.PathLike, *, name: str, domain: str, classes
     splits: dict[str, Any] = {}
     if os.path.exists(os.path.join(os.fspath(dataset_dir), META_FILE)):
         old = read_meta(dataset_dir)
-        for key, new in (('name', name), ('domain', domain), ('classes', list(classes))):
-            if old[key] != new:
-                shown = (f'{len(old[key])} classes vs {len(new)}' if key == 'classes'
-                         else f'{old[key]!r} vs {new!r}')
-                raise ValueError(f'{dataset_dir}/{META_FILE} exists with another {key} '
-                                 f'({shown}); write to a new directory or delete it first')
+        _same_dataset(old, dataset_dir, name, domain, classes)
         splits = dict(old['splits'])
     splits[split] = dict(info)
     return write_meta(dataset_dir, name, domain, classes, splits)
+
+
+def remove_split(dataset_dir: str | os.PathLike, *, name: str, domain: str,
+                 classes: Sequence[str], split: str) -> None:
+    """Drops one split from meta.json before it is rewritten, so that no reader sees a mix of
+    old and new shards; meta.json goes when no split is left.
+
+    Raises ValueError, before anything changes, when the existing meta.json has another name,
+    domain or class list (the new split could never be added to it).
+    """
+    path = os.path.join(os.fspath(dataset_dir), META_FILE)
+    if not os.path.exists(path):
+        return
+    old = read_meta(dataset_dir)
+    _same_dataset(old, dataset_dir, name, domain, classes)
+    splits = {s: i for s, i in old['splits'].items() if s != split}
+    if splits:
+        write_meta(dataset_dir, name, domain, classes, splits)
+    else:
+        os.remove(path)

@@ -12,8 +12,12 @@ see `records.py`). `data_dir` defaults to `$SDTL_DATA_DIR`, else `~/.cache/sdtl_
   holds the official trainval list (3,680 images), `test` the test list (SPEC.md section 8);
   every training split is called `train`, so one config key serves real and synthetic data.
 
-The ImageNet-100 and Pets shards are made with `python -m sdtl_jax.data.write_arrayrecord`
-(image folder, one sub-folder per class); dedicated importers come in a later release.
+The real data is imported once from the published files (resumable, bad files listed in
+`<split>_unreadable.txt`): `python -m sdtl_jax.data.import_imagenet100` (an ImageNet-1k folder or
+the ILSVRC2012 tars), `python -m sdtl_jax.data.import_pets` (the official archives),
+`python -m sdtl_jax.data.import_tfds` (a TFDS dataset prepared as array_record). Any image
+folder with one sub-folder per class, e.g. generated images, goes through
+`python -m sdtl_jax.data.write_arrayrecord`.
 """
 
 from __future__ import annotations
@@ -112,14 +116,36 @@ def get(name: str) -> DatasetInfo:
 
 
 def _missing_message(info: DatasetInfo, dataset_dir: str, split: str, problem: str) -> str:
-    return (f'{problem}\nDataset {info.name!r} ({info.description}) must be in {dataset_dir}/: '
-            f'{records.META_FILE} and the shards {split}-NNNNN-of-MMMMM.array_record '
-            f'(splits used: {", ".join(info.splits)}). Make them from an image folder with one '
-            f'sub-folder per class ({len(info.classes)} classes, e.g. {info.classes[0]!r}):\n'
-            f'  python -m sdtl_jax.data.write_arrayrecord --src=<image folder> '
-            f'--out={dataset_dir} --split={split} --domain={info.domain} --name={info.name}\n'
-            f'(dedicated importers come in a later release; set $SDTL_DATA_DIR or '
-            f'config.data.data_dir to use another data directory).')
+    importers = {  # the real datasets, from their published files
+        'imagenet100_real': (
+            'an ImageNet-1k folder (train/<wnid>/, val/) or the ILSVRC2012 tars',
+            'python -m sdtl_jax.data.import_imagenet100 --src=<ImageNet-1k folder> --out={out}\n'
+            '  (or --train_tar=ILSVRC2012_img_train.tar --val_tar=ILSVRC2012_img_val.tar '
+            '--devkit=ILSVRC2012_devkit_t12.tar.gz instead of --src)',
+            'imagenet2012'),
+        'pets_real': (
+            'the official images.tar.gz and annotations.tar.gz (or their folders)',
+            'python -m sdtl_jax.data.import_pets --src=<folder holding them> --out={out}',
+            'oxford_iiit_pet'),
+    }
+    lines = [problem,
+             f'Dataset {info.name!r} ({info.description}) must be in {dataset_dir}/: '
+             f'{records.META_FILE} and the shards {split}-NNNNN-of-MMMMM.array_record '
+             f'(splits used: {", ".join(info.splits)}).']
+    if info.name in importers:
+        what, command, tfds_name = importers[info.name]
+        lines += [f'Import it from {what}:', '  ' + command.format(out=dataset_dir),
+                  f'or from TFDS ({tfds_name} prepared as array_record):',
+                  f'  python -m sdtl_jax.data.import_tfds --name={tfds_name} '
+                  f'--out={dataset_dir}',
+                  'or from an image folder with one sub-folder per class:']
+    else:
+        lines.append(f'Make them from an image folder with one sub-folder per class '
+                     f'({len(info.classes)} classes, e.g. {info.classes[0]!r}):')
+    lines += [f'  python -m sdtl_jax.data.write_arrayrecord --src=<image folder> '
+              f'--out={dataset_dir} --split={split} --domain={info.domain} --name={info.name}',
+              '(set $SDTL_DATA_DIR or config.data.data_dir to use another data directory).']
+    return '\n'.join(lines)
 
 
 def resolve(name: str, data_dir: str | os.PathLike | None = None,

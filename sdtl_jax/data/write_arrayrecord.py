@@ -6,30 +6,26 @@ r"""CLI: an image folder (one sub-folder per class) -> ArrayRecord shards + meta
 Labels: for a registered dataset (`--name`, default the basename of `--out`, e.g.
 `imagenet100_real`) the registry's class order, matched against the folder names (ImageNet-100:
 wnids; Pets: the official file prefixes such as 'Abyssinian', 'american_bulldog'); otherwise the
-sorted folder names. Every file is decoded once to check it; JPEG and PNG bytes are stored as
-they are, other formats (WebP, BMP, ...) re-encoded losslessly as PNG. Files that do not decode
-are listed in `<out>/<split>_unreadable.txt` and counted in the output: nothing is skipped
-silently. A `<image stem>.json` next to an image (e.g. Stable Diffusion provenance: generator,
-prompt, seed) becomes the record's `meta`. Writing another split merges it into meta.json.
+sorted folder names. Record ids are the paths relative to `--src`. A `<image stem>.json` next to
+an image (e.g. Stable Diffusion provenance: generator, prompt, seed) becomes the record's
+`meta`. Writing another split merges it into meta.json.
+
+The writing is `shard_import.write_split`'s: resumable (re-run the same command after a crash),
+RGB JPEG/8-bit PNG kept byte for byte and anything else decodable converted to RGB PNG, files
+that do not decode listed in `<out>/<split>_unreadable.txt` (nothing is skipped silently), and
+`<out>/<split>.labels.npy` written beside the shards.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import io
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import Image
-
-from sdtl_jax.data import records, sources, transforms
-
-_KEEP_FORMATS = ('JPEG', 'PNG')
+from sdtl_jax.data import records, shard_import, sources
 
 
 def _normalise(name: str) -> str:
@@ -75,39 +71,21 @@ def list_files(src: str, labels: dict[str, int]) -> tuple[list[tuple[str, int]],
     return files, hidden
 
 
-def load_image_bytes(path: str) -> bytes:
-    """The bytes to store for one file: as is for JPEG/PNG, else PNG. Raises if undecodable."""
-    with open(path, 'rb') as f:
-        data = f.read()
-    with Image.open(io.BytesIO(data)) as image:
-        fmt = image.format
-    # Decode fully, through the same conversion the training pipeline uses.
-    pil = transforms.decode_pil(data, path)
-    if fmt in _KEEP_FORMATS:
-        return data
-    buf = io.BytesIO()
-    pil.save(buf, format='PNG')
-    return buf.getvalue()
-
-
-def _read_one(src: str, rel: str) -> tuple[bytes | None, dict[str, Any], str | None]:
-    path = os.path.join(src, rel)
-    try:
-        data = load_image_bytes(path)
-    except Exception as e:  # any decode failure is reported, with its reason
-        return None, {}, f'{type(e).__name__}: {e}'.replace('\n', ' ')
-    meta: dict[str, Any] = {}
-    sidecar = os.path.splitext(path)[0] + '.json'
-    if os.path.isfile(sidecar):
-        with open(sidecar) as f:
-            meta = json.load(f)
-    return data, meta, None
+def load_with_sidecar(item: shard_import.Item) -> shard_import.Example:
+    """Reads and checks one image; a `<stem>.json` next to it becomes the record's meta."""
+    example = shard_import.load_item(item)
+    sidecar = os.path.splitext(item.source)[0] + '.json'
+    if not os.path.isfile(sidecar):
+        return example
+    with open(sidecar) as f:
+        return example._replace(meta=json.load(f))
 
 
 def convert(src: str, out: str, *, split: str, domain: str, name: str | None = None,
-            records_per_shard: int = records.DEFAULT_RECORDS_PER_SHARD, num_threads: int = 8,
-            log_every: int = 1000) -> dict[str, Any]:
-    """Converts `src` into shards of `split` in `out`; returns a summary dict."""
+            records_per_shard: int = records.DEFAULT_RECORDS_PER_SHARD,
+            num_threads: int = 8) -> dict[str, Any]:
+    """Converts `src` into shards of `split` in `out` (resumable); returns the summary of
+    `shard_import.write_split` plus 'classes' and 'hidden_skipped'."""
     src, out = os.path.abspath(src), os.path.abspath(out)
     name = name or os.path.basename(out.rstrip(os.sep))
     if domain not in records.DOMAINS:
@@ -120,43 +98,18 @@ def convert(src: str, out: str, *, split: str, domain: str, name: str | None = N
     files, hidden = list_files(src, labels)
     print(f'[{name}/{split}] {len(files)} files in {len(labels)} class folders of {src}'
           + (f' ({hidden} hidden files skipped)' if hidden else ''), flush=True)
-    unreadable: list[tuple[str, str]] = []
-    start = time.time()
-    os.makedirs(out, exist_ok=True)
-    with records.ShardWriter(out, split, num_classes=len(classes),
-                             records_per_shard=records_per_shard) as writer, \
-            concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        # PIL decodes outside the GIL, so threads check files in parallel; chunks keep the order
-        # and bound the memory held by decoded-but-unwritten files.
-        chunk = 32 * num_threads
-        for lo in range(0, len(files), chunk):
-            part = files[lo:lo + chunk]
-            results = pool.map(lambda item: _read_one(src, item[0]), part)
-            for i, ((rel, label), (data, meta, error)) in enumerate(zip(part, results), lo + 1):
-                if error is not None:
-                    unreadable.append((os.path.join(src, rel), error))
-                else:
-                    writer.write(data, label, rel, meta)
-                if i % log_every == 0 or i == len(files):
-                    print(f'[{name}/{split}] {i}/{len(files)} files, {writer.num_examples} '
-                          f'written, {len(unreadable)} unreadable, '
-                          f'{i / max(time.time() - start, 1e-9):.0f} files/s', flush=True)
-        info = writer.close()
-    unreadable_path = os.path.join(out, f'{split}_unreadable.txt')
-    if unreadable:
-        with open(unreadable_path, 'w') as f:
-            f.writelines(f'{path}\t{error}\n' for path, error in unreadable)
-        print(f'[{name}/{split}] {len(unreadable)} unreadable files not written; listed in '
-              f'{unreadable_path}', flush=True)
-    elif os.path.exists(unreadable_path):
-        os.remove(unreadable_path)  # stale list from an earlier run of this split
-    meta_path = records.add_split(out, name=name, domain=domain, classes=classes, split=split,
-                                  info=info)
-    print(f'[{name}/{split}] {info["num_examples"]} examples in {len(info["files"])} shards; '
-          f'{meta_path} updated', flush=True)
-    return {'name': name, 'split': split, 'num_examples': info['num_examples'],
-            'files': info['files'], 'unreadable': [p for p, _ in unreadable],
-            'hidden_skipped': hidden, 'classes': classes}
+    items = []
+    for rel, label in files:
+        path = os.path.join(src, rel)
+        sidecar = os.path.splitext(path)[0] + '.json'
+        # A provenance sidecar is part of the record, so its changes restart the import too.
+        stamp = shard_import.file_stamp(path) + (
+            shard_import.file_stamp(sidecar) if os.path.isfile(sidecar) else ())
+        items.append(shard_import.Item(path, rel, label, stamp))
+    summary = shard_import.write_split(
+        out, items, name=name, domain=domain, classes=classes, split=split,
+        load=load_with_sidecar, items_per_shard=records_per_shard, num_threads=num_threads)
+    return {**summary, 'classes': classes, 'hidden_skipped': hidden}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,12 +125,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f'dataset name (default: basename of --out); registered: '
                              f'{", ".join(sorted(sources.DATASETS))}')
     parser.add_argument('--records_per_shard', type=int,
-                        default=records.DEFAULT_RECORDS_PER_SHARD)
-    parser.add_argument('--num_threads', type=int, default=8)
+                        default=records.DEFAULT_RECORDS_PER_SHARD,
+                        help='input images per shard (%(default)s: ~225 MB of ImageNet JPEGs)')
+    parser.add_argument('--num_threads', type=int, default=8,
+                        help='threads that read and check images (%(default)s)')
     args = parser.parse_args(argv)
-    summary = convert(args.src, args.out, split=args.split, domain=args.domain, name=args.name,
-                      records_per_shard=args.records_per_shard, num_threads=args.num_threads)
-    return 1 if summary['num_examples'] == 0 else 0
+    try:
+        summary = convert(args.src, args.out, split=args.split, domain=args.domain,
+                          name=args.name, records_per_shard=args.records_per_shard,
+                          num_threads=args.num_threads)
+    except (FileNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return shard_import.exit_code([summary])
 
 
 if __name__ == '__main__':

@@ -1,0 +1,208 @@
+r"""CLI: a TensorFlow Datasets dataset prepared as `array_record` -> sdtl_jax shards.
+
+    pip install -e .[tfds]        # tensorflow-datasets, no TensorFlow
+    python -m sdtl_jax.data.import_tfds --name=oxford_iiit_pet --tfds_data_dir=/data/tfds
+    python -m sdtl_jax.data.import_tfds --name=imagenet2012   # keeps the 100 ImageNet-100 classes
+
+Reads the encoded image bytes through `tfds.data_source(...)` with `SkipDecoding`, so neither
+this import nor training needs TensorFlow (preparing most TFDS image datasets does; this command
+only reads one already prepared with `file_format='array_record'`). TFDS class names are mapped
+to the registry's class list case-insensitively: `oxford_iiit_pet` -> `pets_real` (all 37 must
+map; TFDS `train` = the official trainval), `imagenet2012` -> `imagenet100_real` (`validation`
+-> `val`; records of the other 900 classes are skipped and counted). A record whose label lies
+outside the TFDS class list (e.g. -1, unlabelled) is listed in `<split>_unreadable.txt` with its
+index and file name. Any other dataset keeps its own class list under its own name (`--dataset`
+chooses the output name). Record ids are the TFDS `file_name` feature when there is one (for
+ImageNet `<wnid>/<file name>`, as `import_imagenet100` names them), else
+`<name>/<split>/<index>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections.abc
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sdtl_jax.data import import_imagenet100, import_pets, records, shard_import, sources
+
+# TFDS name -> (registry name, {TFDS split: our split}).
+KNOWN = {
+    'oxford_iiit_pet': ('pets_real', {'train': 'train', 'test': 'test'}),
+    'imagenet2012': ('imagenet100_real', {'train': 'train', 'validation': 'val'}),
+}
+EXPECTED = {import_pets.NAME: import_pets.EXPECTED,
+            import_imagenet100.NAME: import_imagenet100.EXPECTED}
+
+
+class RecordItems(collections.abc.Sequence):
+    """The items of one TFDS split, made on demand (ImageNet has 1.28 M records)."""
+
+    def __init__(self, name: str, split: str, num_records: int):
+        self.name, self.split, self.num_records = name, split, num_records
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.num_records))]
+        if not 0 <= index < self.num_records:
+            raise IndexError(index)
+        return shard_import.Item(f'tfds:{self.name}/{self.split}[{index}]',
+                                 f'{self.name}/{self.split}/{index}', -1, (index,))
+
+
+class RecordLoader:
+    """item -> Example for one TFDS split: maps the label, checks the image bytes."""
+
+    def __init__(self, source: Any, label_map: np.ndarray, classes: Sequence[str],
+                 wnid_ids: bool, skip_reason: str):
+        self.source, self.label_map, self.classes = source, label_map, classes
+        self.wnid_ids, self.skip_reason = wnid_ids, skip_reason
+
+    def __call__(self, item: shard_import.Item) -> shard_import.Example:
+        index = item.stamp[0]
+        example = self.source[index]
+        file_name = example.get('file_name', b'')
+        file_name = file_name.decode() if isinstance(file_name, bytes) else str(file_name)
+        where = f'{item.source} ({file_name})' if file_name else item.source
+        tfds_label = int(example['label'])
+        if not 0 <= tfds_label < len(self.label_map):
+            raise ValueError(f'{where}: label {tfds_label} outside the TFDS class list '
+                             f'[0, {len(self.label_map)})')
+        label = int(self.label_map[tfds_label])
+        if label < 0:
+            raise shard_import.Skip(self.skip_reason)
+        record_id = item.id
+        if file_name:
+            record_id = f'{self.classes[label]}/{file_name}' if self.wnid_ids else file_name
+        return shard_import.Example(shard_import.checked_image(example['image'], where), label,
+                                    record_id, {'tfds_index': index})
+
+
+def label_mapping(tfds_names: Sequence[str], classes: Sequence[str],
+                  dataset: str) -> np.ndarray:
+    """For each TFDS label, its index in `classes` (case-insensitive), -1 if absent.
+
+    Raises ValueError when a class of `classes` has no TFDS label.
+    """
+    index = {c.lower(): i for i, c in enumerate(classes)}
+    mapping = np.array([index.get(n.lower(), -1) for n in tfds_names], dtype=np.int64)
+    missing = sorted(set(range(len(classes))) - set(mapping.tolist()))
+    if missing:
+        raise ValueError(f'{len(missing)} classes of {dataset!r} have no TFDS label, e.g. '
+                         f'{classes[missing[0]]!r} (TFDS names look like {list(tfds_names[:3])})')
+    return mapping
+
+
+def _builder(name: str, data_dir: str | None):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ValueError(f'tensorflow-datasets is not installed ({e}): pip install '
+                         f'"sdtl_jax[tfds]" (no TensorFlow needed)') from None
+    hint = (f'prepare it in array_record format first (`tfds build {name} '
+            f'--file_format=array_record`, which needs TensorFlow for most image datasets), or '
+            f'use import_pets / import_imagenet100 on the original archives')
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # tfds raises its own DatasetNotFoundError and friends
+        raise FileNotFoundError(
+            f'TFDS dataset {name!r} not found in {data_dir}: {e}; {hint}') from None
+    if not builder.is_prepared():
+        raise FileNotFoundError(f'TFDS dataset {name!r} is not prepared in {builder.data_path}; '
+                                f'{hint}')
+    if str(builder.info.file_format.value) != 'array_record':
+        raise ValueError(f'{builder.data_path} is in {builder.info.file_format.value} format; '
+                         f'tfds.data_source needs array_record: {hint}')
+    return tfds, builder
+
+
+def import_tfds(name: str, out: str | None = None, *, tfds_data_dir: str | None = None,
+                dataset: str | None = None, splits: dict[str, str] | None = None,
+                records_per_shard: int = records.DEFAULT_RECORDS_PER_SHARD,
+                num_threads: int = 8) -> list[dict[str, Any]]:
+    """Imports the given {TFDS split: our split} of TFDS dataset `name`; returns summaries."""
+    tfds, builder = _builder(name, tfds_data_dir)
+    features = builder.info.features
+    if 'image' not in features or 'label' not in features:
+        raise ValueError(f'{name} has no "image" and "label" features (it has {list(features)})')
+    tfds_names = list(features['label'].names)
+    dataset = dataset or KNOWN.get(name, (name,))[0]
+    splits = splits or KNOWN.get(name, (None, {s: s for s in builder.info.splits}))[1]
+    if dataset in sources.DATASETS:
+        info = sources.get(dataset)
+        classes, domain = info.classes, info.domain
+    else:
+        classes, domain = tfds_names, 'real'
+    label_map = label_mapping(tfds_names, classes, dataset)
+    out = out or os.path.join(sources.default_data_dir(), dataset)
+    # Shards of about records_per_shard records even when most records are skipped.
+    items_per_shard = -(-records_per_shard * len(tfds_names) // int((label_map >= 0).sum()))
+    decoders = {k: tfds.decode.SkipDecoding() for k, f in features.items()
+                if isinstance(f, tfds.features.Image)}
+    summaries = []
+    for tfds_split, split in splits.items():
+        if tfds_split not in builder.info.splits:
+            raise ValueError(f'{name} has no split {tfds_split!r} (it has '
+                             f'{list(builder.info.splits)})')
+        source = builder.as_data_source(split=tfds_split, decoders=decoders)
+        loader = RecordLoader(source, label_map, classes, dataset.startswith('imagenet100'),
+                              f'TFDS classes outside the {len(classes)} classes of {dataset}')
+        settings = {'tfds': name, 'version': str(builder.info.version), 'tfds_split': tfds_split,
+                    'tfds_labels': tfds_names}
+        summary = shard_import.write_split(
+            out, RecordItems(name, tfds_split, len(source)), name=dataset, domain=domain,
+            classes=classes, split=split, load=loader, items_per_shard=items_per_shard,
+            num_threads=num_threads, settings=settings)
+        if split in EXPECTED.get(dataset, {}):
+            shard_import.warn_count(dataset, split, summary['num_examples'],
+                                    EXPECTED[dataset][split])
+        summaries.append(summary)
+    return summaries
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(
+        description='A TFDS dataset prepared as array_record -> ArrayRecord shards + meta.json '
+                    '(resumable; needs tensorflow-datasets, not TensorFlow).')
+    parser.add_argument('--name', required=True,
+                        help=f'TFDS name, e.g. {", ".join(KNOWN)}')
+    parser.add_argument('--tfds_data_dir', default=None,
+                        help='TFDS data_dir (default: TFDS\'s, ~/tensorflow_datasets)')
+    parser.add_argument('--dataset', default=None,
+                        help='output dataset name (default: pets_real for oxford_iiit_pet, '
+                             'imagenet100_real for imagenet2012, else the TFDS name)')
+    parser.add_argument('--out', default=None,
+                        help='dataset directory (default: $SDTL_DATA_DIR/<dataset>)')
+    parser.add_argument('--splits', default=None,
+                        help='comma-separated tfds_split:split, e.g. train:train,validation:val '
+                             '(default: the known mapping, else every TFDS split as is)')
+    parser.add_argument('--records_per_shard', type=int,
+                        default=records.DEFAULT_RECORDS_PER_SHARD,
+                        help='about this many records per shard (%(default)s)')
+    parser.add_argument('--num_threads', type=int, default=8,
+                        help='threads that read and check images (%(default)s)')
+    args = parser.parse_args(argv)
+    splits = None
+    if args.splits:
+        splits = dict(s.split(':', 1) if ':' in s else (s, s) for s in args.splits.split(','))
+    try:
+        summaries = import_tfds(args.name, args.out, tfds_data_dir=args.tfds_data_dir,
+                                dataset=args.dataset, splits=splits,
+                                records_per_shard=args.records_per_shard,
+                                num_threads=args.num_threads)
+    except (FileNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return shard_import.exit_code(summaries)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Resumable writing of one split from a list of input images: the engine of every importer.
+
+An importer lists its inputs as `Item`s (a file, a tar member, a TFDS record) in a fixed order,
+and gives a `load(item)` that returns the record to store. `write_split` then
+
+- plans the shards up front, one per `items_per_shard` consecutive items, so their number and
+  names `<split>-NNNNN-of-MMMMM.array_record` are known before any is written;
+- writes each shard under a temporary name and renames it when complete, recording it in
+  `<split>.progress.json` (the item list's fingerprint and, per shard, its labels and
+  unreadable files). A killed import resumes at the first unfinished shard; an import whose
+  input changed starts over (and first drops the split from meta.json, so that readers never
+  see a mix of old and new shards);
+- finishes by writing `<split>.labels.npy`, `<split>_unreadable.txt` (path TAB reason, one line
+  per input that could not be read, absent when there is none) and the split's entry in
+  meta.json, then deletes the progress file.
+
+Every image is decoded once (threads, as PIL decodes outside the GIL). JPEG and 8-bit PNG
+images that are RGB already are stored byte for byte; any other decodable image (grayscale,
+CMYK, RGBA, palette, 16-bit, WebP, BMP, ...) is converted to RGB and stored as lossless PNG.
+Nothing is dropped silently: unreadable inputs are listed, and inputs that `load` skips on
+purpose (e.g. TFDS records of classes outside the list) are counted in the summary line.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import tqdm
+from PIL import Image
+
+from sdtl_jax.data import archives, records, transforms
+
+PROGRESS_VERSION = 1
+
+
+class Item(NamedTuple):
+    """One input of an import."""
+    source: str       # what reports name: a path, 'archive.tar/member' or 'tfds:name/split[i]'
+    id: str           # the record id
+    label: int        # label in the class list; -1 when `load` reads it (TFDS)
+    stamp: tuple = ()  # changes when the input file does: (size, mtime_ns)
+    member: tuple[str, int, int] | None = None  # (archive, offset, size) of an archive member
+
+
+class Example(NamedTuple):
+    """What `load` returns for one item: the record to store."""
+    image: bytes
+    label: int
+    id: str
+    meta: Mapping[str, Any]
+
+
+class Skip(Exception):
+    """Raised by `load` for an input left out on purpose; counted by reason, not an error."""
+
+
+def checked_image(data: bytes, source: str) -> bytes:
+    """The bytes to store for an encoded image; raises ValueError naming `source` if undecodable.
+
+    JPEG, and PNG of 8 bits per channel, that decode to RGB are kept byte for byte; anything
+    else is decoded through `transforms.decode_pil` (the training pipeline's conversion) and
+    re-encoded as PNG.
+    """
+    if not data:
+        raise ValueError(f'{source}: empty file (0 bytes)')
+    pil = transforms.decode_pil(data, source)   # full decode: catches truncated files
+    with Image.open(io.BytesIO(data)) as image:
+        fmt, mode = image.format, image.mode
+    # PNG byte 24 is the IHDR bit depth; PIL shows 16-bit RGB PNGs as mode 'RGB'.
+    keep = mode == 'RGB' and (fmt in ('JPEG', 'MPO') or (fmt == 'PNG' and data[24] == 8))
+    if keep:
+        return data
+    buf = io.BytesIO()
+    pil.save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def load_item(item: Item) -> Example:
+    """Reads and checks one image: the archive member `item.member`, else the file
+    `item.source`."""
+    if item.member is not None:
+        data = archives.read_member(*item.member)
+    else:
+        with open(item.source, 'rb') as f:
+            data = f.read()
+    return Example(checked_image(data, item.source), item.label, item.id, {})
+
+
+def file_stamp(path: str) -> tuple[int, int]:
+    """(size, mtime_ns): part of the fingerprint, so that a changed file restarts an import."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def fingerprint(items: Iterable[Item], problems: Sequence[tuple[str, str]],
+                settings: Mapping[str, Any]) -> str:
+    """sha256 over the item list, the listing problems and the settings that shape the shards."""
+    h = hashlib.sha256(json.dumps({'version': PROGRESS_VERSION, **settings},
+                                  sort_keys=True).encode())
+    for item in items:
+        h.update(repr(tuple(item)).encode())
+        h.update(b'\n')
+    h.update(repr(list(problems)).encode())
+    return h.hexdigest()
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+
+
+def _unreadable_path(out_dir: str, split: str) -> str:
+    return os.path.join(out_dir, f'{split}_unreadable.txt')
+
+
+def _progress_path(out_dir: str, split: str) -> str:
+    return os.path.join(out_dir, f'{split}.progress.json')
+
+
+def _is_temporary(split: str, filename: str) -> bool:
+    return filename.startswith(f'.tmp-{split}-')
+
+
+def _start_fresh(out_dir: str, split: str, *, name: str, domain: str,
+                 classes: Sequence[str]) -> None:
+    """Removes every trace of an earlier write of `split` (meta.json entry first)."""
+    records.remove_split(out_dir, name=name, domain=domain, classes=classes, split=split)
+    for filename in os.listdir(out_dir):
+        if records.is_shard_of(split, filename) or _is_temporary(split, filename):
+            os.remove(os.path.join(out_dir, filename))
+    for path in (records.labels_path(out_dir, split), _unreadable_path(out_dir, split)):
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _load_progress(path: str, expected: str, num_shards: int,
+                   out_dir: str) -> dict[str, dict[str, Any]] | None:
+    """The finished shards of an interrupted import of the same input, else None."""
+    try:
+        with open(path) as f:
+            progress = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if (progress.get('fingerprint') != expected or progress.get('num_shards') != num_shards
+            or not isinstance(progress.get('shards'), dict)):
+        return None
+    return {k: v for k, v in progress['shards'].items()
+            if os.path.isfile(os.path.join(out_dir, v['file']))}
+
+
+def _load_one(load: Callable[[Item], Example], item: Item) -> Example | Skip | str:
+    try:
+        return load(item)
+    except Skip as e:
+        return e
+    except Exception as e:  # every failure is reported by path, with its reason
+        return f'{type(e).__name__}: {e}'.replace('\n', ' ').replace('\t', ' ')
+
+
+def _ordered(pool: concurrent.futures.Executor, fn: Callable, items: Sequence[Item],
+             window: int) -> Iterator[tuple[Item, Any]]:
+    """(item, fn(item)) in order, with at most `window` items in flight: the threads stay busy
+    while memory holds only `window` loaded-but-unwritten images."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) >= window:
+            item, future = pending.popleft()
+            yield item, future.result()
+    while pending:
+        item, future = pending.popleft()
+        yield item, future.result()
+
+
+def _write_shard(path: str, items: Sequence[Item], load: Callable[[Item], Example],
+                 pool: concurrent.futures.Executor, window: int, num_classes: int,
+                 bar: tqdm.tqdm, unreadable_before: int) -> dict[str, Any]:
+    """Writes the records of `items` to `path`; returns the shard's progress entry."""
+    from array_record.python import array_record_module
+
+    labels, unreadable, skipped = [], [], {}
+    writer = array_record_module.ArrayRecordWriter(path, records.WRITER_OPTIONS)
+    try:
+        for item, result in _ordered(pool, lambda it: _load_one(load, it), items, window):
+            if isinstance(result, Skip):
+                skipped[str(result)] = skipped.get(str(result), 0) + 1
+            elif isinstance(result, str):
+                unreadable.append((item.source, result))
+            elif not 0 <= result.label < num_classes:
+                unreadable.append((item.source, f'label {result.label} outside the class '
+                                                f'list [0, {num_classes})'))
+            else:
+                writer.write(records.encode_record(result.image, result.label, result.id,
+                                                   result.meta))
+                labels.append(int(result.label))
+            bar.update()
+            if isinstance(result, str):
+                bar.set_postfix(unreadable=unreadable_before + len(unreadable), refresh=False)
+    finally:
+        writer.close()
+    return {'labels': labels, 'unreadable': unreadable, 'skipped': skipped}
+
+
+def write_split(out_dir: str | os.PathLike, items: Sequence[Item], *, name: str, domain: str,
+                classes: Sequence[str], split: str,
+                load: Callable[[Item], Example] = load_item,
+                items_per_shard: int = records.DEFAULT_RECORDS_PER_SHARD, num_threads: int = 8,
+                problems: Sequence[tuple[str, str]] = (),
+                settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Writes (or resumes writing) one split of `out_dir` from `items`; see the module docstring.
+
+    Args:
+      out_dir: the dataset directory.
+      items: the inputs, in record order (a sequence: it is read once for the fingerprint and
+        then by shard).
+      load: item -> Example; raises `Skip` to leave an item out on purpose, any other exception
+        for an unreadable item (listed with its reason).
+      items_per_shard: inputs per shard, so at most that many records; an importer whose
+        `load` skips most items passes more, for shards of the usual size.
+      problems: (source, reason) found while listing the inputs (e.g. a bad annotation line);
+        they go to the unreadable list.
+      settings: anything else that shapes the output (part of the fingerprint).
+
+    Returns:
+      {'name', 'split', 'num_examples', 'files', 'class_counts', 'unreadable': [(source,
+      reason)], 'skipped': {reason: count}, 'num_items', 'resumed_shards', 'seconds'}.
+    """
+    out_dir = os.fspath(out_dir)
+    records.check_split_name(split)
+    if domain not in records.DOMAINS:
+        raise ValueError(f'domain must be one of {records.DOMAINS}, got {domain!r}')
+    if items_per_shard < 1:
+        raise ValueError(f'items_per_shard must be >= 1, got {items_per_shard}')
+    os.makedirs(out_dir, exist_ok=True)
+    num_shards = max(1, -(-len(items) // items_per_shard))
+    files = [records.shard_name(split, i, num_shards) for i in range(num_shards)]
+    settings = {'name': name, 'domain': domain, 'classes': list(classes),
+                'items_per_shard': items_per_shard, **(settings or {})}
+    expected = fingerprint(items, problems, settings)
+    progress_path = _progress_path(out_dir, split)
+    done = _load_progress(progress_path, expected, num_shards, out_dir)
+    if done is None:
+        _start_fresh(out_dir, split, name=name, domain=domain, classes=classes)
+        done = {}
+    else:
+        for filename in os.listdir(out_dir):
+            if _is_temporary(split, filename):
+                os.remove(os.path.join(out_dir, filename))
+    todo = [i for i in range(num_shards) if str(i) not in done]
+    resumed = num_shards - len(todo)
+    start = time.time()
+    initial = sum(min(items_per_shard, len(items) - int(i) * items_per_shard) for i in done)
+    num_unreadable = sum(len(s['unreadable']) for s in done.values())
+    bar = tqdm.tqdm(total=len(items), initial=initial, desc=f'{name}/{split}', unit='img',
+                    dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
+                    postfix={'unreadable': num_unreadable})
+    with bar, concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        for index in todo:
+            part = items[index * items_per_shard:(index + 1) * items_per_shard]
+            tmp = os.path.join(out_dir, f'.tmp-{split}-{index:05d}.{os.getpid()}')
+            try:
+                info = _write_shard(tmp, part, load, pool, 4 * num_threads, len(classes), bar,
+                                    num_unreadable)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+            os.replace(tmp, os.path.join(out_dir, files[index]))
+            done[str(index)] = {'file': files[index], **info}
+            num_unreadable += len(info['unreadable'])
+            _write_json(progress_path, {'fingerprint': expected, 'num_shards': num_shards,
+                                        'shards': done})
+    return _finish(out_dir, [done[str(i)] for i in range(num_shards)], problems, name=name,
+                   domain=domain, classes=classes, split=split, num_items=len(items),
+                   resumed=resumed, num_read=len(items) - initial, seconds=time.time() - start)
+
+
+def _finish(out_dir: str, shards: list[dict[str, Any]], problems: Sequence[tuple[str, str]],
+            *, name: str, domain: str, classes: Sequence[str], split: str, num_items: int,
+            resumed: int, num_read: int, seconds: float) -> dict[str, Any]:
+    """Labels, unreadable list and meta.json entry of a split whose shards are all written."""
+    labels = [label for shard in shards for label in shard['labels']]
+    unreadable = [tuple(p) for p in problems]
+    unreadable += [tuple(u) for shard in shards for u in shard['unreadable']]
+    skipped: dict[str, int] = {}
+    for shard in shards:
+        for reason, count in shard['skipped'].items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    records.write_labels(out_dir, split, labels)
+    unreadable_path = _unreadable_path(out_dir, split)
+    if unreadable:
+        with open(unreadable_path, 'w') as f:
+            f.writelines(f'{source}\t{reason}\n' for source, reason in unreadable)
+    elif os.path.exists(unreadable_path):
+        os.remove(unreadable_path)
+    info = {'files': [s['file'] for s in shards], 'num_examples': len(labels),
+            'class_counts': records.class_counts(labels, len(classes))}
+    records.add_split(out_dir, name=name, domain=domain, classes=classes, split=split, info=info)
+    os.remove(_progress_path(out_dir, split))
+    rate = (num_read / seconds) if seconds > 0 else 0.0
+    line = (f'[{name}/{split}] {len(labels):,} records in {len(shards)} shards from '
+            f'{num_items:,} inputs ({resumed} shards resumed), {num_read:,} read in '
+            f'{seconds:.1f} s, {rate:,.0f}/s; {len(unreadable):,} unreadable')
+    if unreadable:
+        line += f' (listed in {unreadable_path})'
+    for reason, count in sorted(skipped.items()):
+        line += f'; {count:,} skipped: {reason}'
+    print(line, flush=True)
+    return {'name': name, 'split': split, 'num_examples': len(labels), 'files': info['files'],
+            'class_counts': info['class_counts'], 'unreadable': unreadable, 'skipped': skipped,
+            'num_items': num_items, 'resumed_shards': resumed, 'seconds': seconds}
+
+
+def warn_count(name: str, split: str, got: int, expected: int) -> None:
+    """Warns when a split of the real data has another size than the published one."""
+    if got != expected:
+        print(f'warning: [{name}/{split}] {got:,} records, the full dataset has {expected:,}',
+              file=sys.stderr, flush=True)
+
+
+def exit_code(summaries: Sequence[Mapping[str, Any]]) -> int:
+    """0 when some records were written, else 1 (the command failed)."""
+    return 0 if any(s['num_examples'] for s in summaries) else 1
