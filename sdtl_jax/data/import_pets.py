@@ -163,21 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f'dataset directory (default: $SDTL_DATA_DIR/{NAME})')
     parser.add_argument('--splits', default='train,test',
                         help='comma-separated; train = the official trainval list')
-    parser.add_argument('--records_per_shard', type=int,
-                        default=records.DEFAULT_RECORDS_PER_SHARD,
-                        help='input images per shard (%(default)s: ~225 MB of ImageNet JPEGs)')
-    parser.add_argument('--num_threads', type=int, default=8,
-                        help='threads that read and check images (%(default)s)')
+    shard_import.add_writer_flags(parser)
     args = parser.parse_args(argv)
-    try:
-        summaries = import_pets(args.out, src=args.src, images=args.images,
-                                annotations=args.annotations, splits=args.splits.split(','),
-                                records_per_shard=args.records_per_shard,
-                                num_threads=args.num_threads)
-    except (FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return shard_import.exit_code(summaries)
+    return shard_import.run_command(lambda: import_pets(
+        args.out, src=args.src, images=args.images, annotations=args.annotations,
+        splits=args.splits.split(','), records_per_shard=args.records_per_shard,
+        num_threads=args.num_threads))
 
 
 if __name__ == '__main__':

@@ -184,24 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--splits', default=None,
                         help='comma-separated tfds_split:split, e.g. train:train,validation:val '
                              '(default: the known mapping, else every TFDS split as is)')
-    parser.add_argument('--records_per_shard', type=int,
-                        default=records.DEFAULT_RECORDS_PER_SHARD,
-                        help='about this many records per shard (%(default)s)')
-    parser.add_argument('--num_threads', type=int, default=8,
-                        help='threads that read and check images (%(default)s)')
+    shard_import.add_writer_flags(parser)
     args = parser.parse_args(argv)
     splits = None
     if args.splits:
         splits = dict(s.split(':', 1) if ':' in s else (s, s) for s in args.splits.split(','))
-    try:
-        summaries = import_tfds(args.name, args.out, tfds_data_dir=args.tfds_data_dir,
-                                dataset=args.dataset, splits=splits,
-                                records_per_shard=args.records_per_shard,
-                                num_threads=args.num_threads)
-    except (FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return shard_import.exit_code(summaries)
+    return shard_import.run_command(lambda: import_tfds(
+        args.name, args.out, tfds_data_dir=args.tfds_data_dir, dataset=args.dataset,
+        splits=splits, records_per_shard=args.records_per_shard, num_threads=args.num_threads))
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ purpose (e.g. TFDS records of classes outside the list) are counted in the summa
 
 from __future__ import annotations
 
+import argparse
 import collections
 import concurrent.futures
 import hashlib
@@ -329,6 +330,21 @@ def warn_count(name: str, split: str, got: int, expected: int) -> None:
               file=sys.stderr, flush=True)
 
 
-def exit_code(summaries: Sequence[Mapping[str, Any]]) -> int:
-    """0 when some records were written, else 1 (the command failed)."""
+def add_writer_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every importer shares: --records_per_shard, --num_threads."""
+    parser.add_argument('--records_per_shard', type=int,
+                        default=records.DEFAULT_RECORDS_PER_SHARD,
+                        help='input images per shard (%(default)s: ~225 MB of ImageNet JPEGs)')
+    parser.add_argument('--num_threads', type=int, default=8,
+                        help='threads that read and check images (%(default)s)')
+
+
+def run_command(write: Callable[[], Sequence[Mapping[str, Any]]]) -> int:
+    """Runs an importer for its command line: exit 0 when some records were written, 1 when
+    none were, 2 (with an `error:` line) on missing or bad input."""
+    try:
+        summaries = write()
+    except (FileNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     return 0 if any(s['num_examples'] for s in summaries) else 1

@@ -124,20 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--name', default=None,
                         help=f'dataset name (default: basename of --out); registered: '
                              f'{", ".join(sorted(sources.DATASETS))}')
-    parser.add_argument('--records_per_shard', type=int,
-                        default=records.DEFAULT_RECORDS_PER_SHARD,
-                        help='input images per shard (%(default)s: ~225 MB of ImageNet JPEGs)')
-    parser.add_argument('--num_threads', type=int, default=8,
-                        help='threads that read and check images (%(default)s)')
+    shard_import.add_writer_flags(parser)
     args = parser.parse_args(argv)
-    try:
-        summary = convert(args.src, args.out, split=args.split, domain=args.domain,
-                          name=args.name, records_per_shard=args.records_per_shard,
-                          num_threads=args.num_threads)
-    except (FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return shard_import.exit_code([summary])
+    return shard_import.run_command(lambda: [convert(
+        args.src, args.out, split=args.split, domain=args.domain, name=args.name,
+        records_per_shard=args.records_per_shard, num_threads=args.num_threads)])
 
 
 if __name__ == '__main__':
