@@ -1,4 +1,4 @@
-"""Decoding and augmentation on the host: NumPy/PIL ops usable as grain transforms.
+"""Decoding and augmentation on the host: NumPy/OpenCV/PIL ops usable as grain transforms.
 
 - `decode_image`: encoded bytes -> RGB uint8 HxWx3, whatever the file's mode.
 - `MultiCrop`: DINO multi-crop (SPEC.md section 5) as a grain `RandomMapTransform`.
@@ -9,9 +9,11 @@ work and host-to-device transfer small. Randomness comes only from the `np.rando
 grain passes to `random_map` (seeded from the pipeline seed and the element's index), so a fixed
 seed gives the same crops whatever the number of threads.
 
-The ops follow torchvision's PIL backend, which the reference (DINO, t-ReX) used:
-RandomResizedCrop's 10-attempt sampling, ColorJitter via `ImageEnhance` with a random order,
-`convert('L')` grayscale, PIL GaussianBlur with radius U(0.1, 2), `ImageOps.solarize`.
+The ops follow torchvision's PIL backend, which the reference (DINO, t-ReX) used, down to
+RandomResizedCrop's 10-attempt sampling. Multi-crop's light ops (jitter, grayscale, blur,
+solarize) run on the device (`photometric.py`); its crops are resized with OpenCV, and JPEGs
+decode with OpenCV's libjpeg-turbo, bit-identical to PIL. Every decoding error is a
+`CorruptRecordError` that names the record.
 """
 
 from __future__ import annotations
@@ -22,14 +24,25 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import cv2
 import grain
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 
-from sdtl_jax.data import records
+from sdtl_jax.data import photometric, records
 
-_BICUBIC = Image.Resampling.BICUBIC
 _BILINEAR = Image.Resampling.BILINEAR
+# Many read threads already run in parallel: OpenCV's own thread pool would oversubscribe the
+# cores on every small image.
+cv2.setNumThreads(1)
+_CV2_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION  # PIL ignores EXIF rotation too
+# Start-of-frame markers of every JPEG coding process (not DHT C4, JPG C8, DAC CC).
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
+                       0xCF))
+
+
+class CorruptRecordError(ValueError):
+    """A record whose image (or msgpack) does not decode; the message says where it is."""
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -62,25 +75,76 @@ def decode_pil(data: bytes, record_id: str = '?') -> Image.Image:
             image.load()
         return _to_rgb(image)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data.
-        raise ValueError(f'Cannot decode the image of record {record_id!r}: '
-                         f'{type(e).__name__}: {e}') from e
+        raise CorruptRecordError(f'Cannot decode the image of record {record_id!r}: '
+                                 f'{type(e).__name__}: {e}') from e
+
+
+def _plain_jpeg(data: bytes) -> bool:
+    """True for a complete 8-bit JPEG with 1 or 3 components: OpenCV decodes those exactly as
+    PIL does. CMYK, 12-bit and truncated files (no end-of-image marker; OpenCV would return a
+    half-grey image instead of failing) go through PIL."""
+    if data[:2] != b'\xff\xd8' or not data.rstrip(b'\x00\r\n ').endswith(b'\xff\xd9'):
+        return False
+    pos = 2
+    while pos + 10 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:          # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_SOF:
+            return data[pos + 4] == 8 and data[pos + 9] in (1, 3)
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], 'big')
+    return False
 
 
 def decode_image(data: bytes, record_id: str = '?') -> np.ndarray:
-    """Decodes image bytes to RGB uint8 [H, W, 3]."""
+    """Decodes image bytes to RGB uint8 [H, W, 3]; CorruptRecordError names the record."""
+    if _plain_jpeg(data):
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS)
+        if image is not None:
+            return image
     return np.asarray(decode_pil(data, record_id))
 
 
-def record_image(element: Any) -> tuple[Image.Image, int]:
-    """(RGB PIL image, label) from raw record bytes or a `records.decode_record` dict."""
+def _locate(element: Any) -> tuple[dict[str, Any], str]:
+    """(decoded record dict, 'id (where)') from raw bytes, a record dict, or the reader's
+    {'record': bytes, 'where': location, 'num_classes': int}, whose label is range-checked."""
+    where, num_classes = '', None
+    if isinstance(element, dict) and 'record' in element:
+        where, num_classes, element = element['where'], element['num_classes'], element['record']
     if isinstance(element, (bytes, bytearray)):
-        element = records.decode_record(element)
+        try:
+            element = records.decode_record(element)
+        except Exception as e:  # msgpack raises several types on corrupt bytes
+            raise CorruptRecordError(f'Cannot parse the record at {where or "?"}: '
+                                     f'{type(e).__name__}: {e}') from e
+    name = str(element.get('id', '?'))
+    name = f'{name} ({where})' if where else name
+    if num_classes is not None and not 0 <= int(element['label']) < num_classes:
+        raise CorruptRecordError(f'Record {name} has label {element["label"]}, outside the '
+                                 f'{num_classes} classes of its dataset')
+    return element, name
+
+
+def record_image(element: Any) -> tuple[Image.Image, int]:
+    """(RGB PIL image, label) from raw record bytes, a `records.decode_record` dict, or the
+    reader's {'record': bytes, 'where': location} (`input_pipeline`)."""
+    element, name = _locate(element)
     image = element['image']
     if isinstance(image, (bytes, bytearray)):
-        pil = decode_pil(image, element.get('id', '?'))
-    else:
-        pil = _to_rgb(Image.fromarray(np.asarray(image)))
-    return pil, int(element['label'])
+        return decode_pil(image, name), int(element['label'])
+    return _to_rgb(Image.fromarray(np.asarray(image))), int(element['label'])
+
+
+def record_array(element: Any) -> tuple[np.ndarray, int]:
+    """(RGB uint8 [H, W, 3], label), as `record_image`, by the fastest exact decoder."""
+    element, name = _locate(element)
+    image = element['image']
+    if isinstance(image, (bytes, bytearray)):
+        return decode_image(image, name), int(element['label'])
+    return np.asarray(_to_rgb(Image.fromarray(np.asarray(image)))), int(element['label'])
 
 
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
@@ -111,50 +175,43 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def color_jitter(image: Image.Image, rng: np.random.Generator, *, brightness: float,
-                 contrast: float, saturation: float, hue: float) -> Image.Image:
-    """torchvision ColorJitter (PIL backend): the four adjustments in a random order.
+# Std of the Gaussian pre-filter per unit of sqrt(scale^2 - 1) when downscaling; fitted to
+# PIL's antialiased bicubic on ImageNet-size photos (0.45: about 0.7 grey levels mean absolute
+# difference at 1.2-2x; OpenCV's area averaging gives 0.8-1.9 and costs 6x more).
+_ANTIALIAS_SIGMA = 0.45
 
-    Each of brightness, contrast and saturation blends the image with a degenerate one (black,
-    its mean grey, its grayscale), exactly as PIL's ImageEnhance, which torchvision calls; the
-    blends are written out to skip ImageEnhance's per-call overhead on small crops.
+
+def resized_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The (top, left, h, w) box of an HxWx3 uint8 image, resized to size x size (bicubic).
+
+    torchvision's PIL backend widens the bicubic kernel by the scale factor when it
+    downscales (antialiasing); OpenCV's cubic does not and would alias, so a Gaussian
+    pre-filter of the box stands in for the wider kernel.
     """
-    factors = (rng.uniform(max(0.0, 1 - brightness), 1 + brightness),
-               rng.uniform(max(0.0, 1 - contrast), 1 + contrast),
-               rng.uniform(max(0.0, 1 - saturation), 1 + saturation),
-               rng.uniform(-hue, hue))
-    for op in rng.permutation(4):
-        if op == 0:
-            image = Image.blend(Image.new('RGB', image.size, 0), image, factors[0])
-        elif op == 1:
-            mean = int(np.asarray(image.convert('L')).mean() + 0.5)
-            image = Image.blend(Image.new('RGB', image.size, (mean,) * 3), image, factors[1])
-        elif op == 2:
-            image = Image.blend(image.convert('L').convert('RGB'), image, factors[2])
-        else:
-            image = adjust_hue(image, factors[3])
-    return image
-
-
-def adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
-    """Shifts the hue by `hue_factor` of a full turn (torchvision F_pil.adjust_hue)."""
-    h, s, v = image.convert('HSV').split()
-    # Hue is stored as 0..255 for one turn, so the shift wraps modulo 256; torchvision truncates
-    # the shift towards zero (float -> uint8 cast).
-    shift = int(hue_factor * 255) % 256
-    h_arr = (np.asarray(h, dtype=np.uint16) + shift) % 256
-    h = Image.fromarray(h_arr.astype(np.uint8), 'L')
-    return Image.merge('HSV', (h, s, v)).convert('RGB')
+    top, left, h, w = box
+    region = image[top:top + h, left:left + w]
+    scale_y, scale_x = h / size, w / size
+    if scale_x > 1.05 or scale_y > 1.05:
+        sigma_x = _ANTIALIAS_SIGMA * math.sqrt(max(scale_x * scale_x - 1, 0.0)) or 1e-3
+        sigma_y = _ANTIALIAS_SIGMA * math.sqrt(max(scale_y * scale_y - 1, 0.0)) or 1e-3
+        region = cv2.GaussianBlur(region, (0, 0), sigmaX=sigma_x, sigmaY=sigma_y,
+                                  borderType=cv2.BORDER_REPLICATE)
+    return cv2.resize(region, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
 class MultiCrop(grain.transforms.RandomMap):
-    """DINO multi-crop (SPEC.md section 5): `num_global` + `num_local` augmented crops, uint8.
+    """DINO multi-crop (SPEC.md section 5): `num_global` + `num_local` crops, uint8, and their
+    light ops for the device.
 
-    Input: a raw record (bytes) or a decoded record dict. Output: {'global': uint8[G, S, S, 3],
-    'local': uint8[L, s, s, 3] (absent when L == 0), 'label': int32}. Per crop:
-    RandomResizedCrop (bicubic) -> flip -> color jitter (p) -> grayscale (p) -> blur (p) ->
-    solarize (p, global only). The SPEC's probabilities are the defaults: blur 0.2 global and
+    Input: a record (see `record_array`). Output: {'global': uint8[G, S, S, 3], 'global_ops':
+    float32[G, photometric.NUM_OPS], 'local': uint8[L, s, s, 3], 'local_ops' (both absent when
+    L == 0), 'label': int32}. Per crop: RandomResizedCrop (bicubic) -> flip here, then colour
+    jitter (p) -> grayscale (p) -> blur (p) -> solarize (p, global only) in the train step
+    (`photometric.apply`). The SPEC's probabilities are the defaults: blur 0.2 global and
     0.5 local (DINO itself uses 1.0 / 0.1 on its two global crops; the paper's recipe has one).
+
+    The host part runs on OpenCV, picked by measurement (bench/RESULTS.md): with PIL, as
+    torchvision, all nine crops took about 10 ms per ImageNet-size image on this CPU.
     """
 
     def __init__(self, global_size: int = 224, local_size: int = 96, num_global: int = 1,
@@ -165,7 +222,7 @@ class MultiCrop(grain.transforms.RandomMap):
                  saturation: float = 0.2, hue: float = 0.1, grayscale_p: float = 0.2,
                  global_blur_p: float = 0.2, local_blur_p: float = 0.5,
                  blur_radius: tuple[float, float] = (0.1, 2.0), global_solarize_p: float = 0.2,
-                 local_solarize_p: float = 0.0, solarize_threshold: int = 128):
+                 local_solarize_p: float = 0.0):
         if num_global < 1 or num_local < 0:
             raise ValueError(f'Need num_global >= 1 and num_local >= 0, got {num_global}, '
                              f'{num_local}')
@@ -173,45 +230,37 @@ class MultiCrop(grain.transforms.RandomMap):
         self.num_global, self.num_local = int(num_global), int(num_local)
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.ratio = tuple(ratio)
-        self.flip_p, self.jitter_p, self.grayscale_p = flip_p, jitter_p, grayscale_p
-        self.jitter = dict(brightness=brightness, contrast=contrast, saturation=saturation,
-                           hue=hue)
-        self.global_blur_p, self.local_blur_p = global_blur_p, local_blur_p
-        self.blur_radius = tuple(blur_radius)
-        self.global_solarize_p, self.local_solarize_p = global_solarize_p, local_solarize_p
-        self.solarize_threshold = solarize_threshold
+        self.flip_p = flip_p
+        ops = dict(jitter_p=jitter_p, brightness=brightness, contrast=contrast,
+                   saturation=saturation, hue=hue, grayscale_p=grayscale_p,
+                   blur_radius=tuple(blur_radius))
+        self.global_ops = dict(ops, blur_p=global_blur_p, solarize_p=global_solarize_p)
+        self.local_ops = dict(ops, blur_p=local_blur_p, solarize_p=local_solarize_p)
+        photometric.sample(np.random.default_rng(0), **self.global_ops)  # checks the args
 
-    def crop(self, image: Image.Image, rng: np.random.Generator, *, size: int,
-             scale: tuple[float, float], blur_p: float, solarize_p: float) -> np.ndarray:
-        """One augmented crop, uint8 [size, size, 3]."""
-        top, left, h, w = random_resized_crop_box(image.height, image.width, scale, self.ratio,
-                                                  rng)
-        # Crop and resize in one call: PIL resamples only the box, never the whole image.
-        out = image.resize((size, size), _BICUBIC, box=(left, top, left + w, top + h))
+    def crop(self, image: np.ndarray, rng: np.random.Generator, *, size: int,
+             scale: tuple[float, float], ops: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """One crop of an RGB uint8 image, uint8 [size, size, 3], and its light ops."""
+        box = random_resized_crop_box(image.shape[0], image.shape[1], scale, self.ratio, rng)
+        out = resized_crop(image, box, size)
         if rng.random() < self.flip_p:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if rng.random() < self.jitter_p:
-            out = color_jitter(out, rng, **self.jitter)
-        if rng.random() < self.grayscale_p:
-            out = out.convert('L').convert('RGB')
-        if rng.random() < blur_p:
-            out = out.filter(ImageFilter.GaussianBlur(rng.uniform(*self.blur_radius)))
-        if rng.random() < solarize_p:
-            out = ImageOps.solarize(out, self.solarize_threshold)
-        return np.asarray(out, dtype=np.uint8)
+            out = cv2.flip(out, 1)
+        return out, photometric.sample(rng, **ops)
+
+    def _crops(self, image, rng, count, size, scale, ops):
+        crops, crop_ops = zip(*(self.crop(image, rng, size=size, scale=scale, ops=ops)
+                                for _ in range(count)))
+        return np.stack(crops), np.stack(crop_ops)
 
     def random_map(self, element: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Augments one record."""
-        image, label = record_image(element)
-        out = {'global': np.stack([
-            self.crop(image, rng, size=self.global_size, scale=self.global_scale,
-                      blur_p=self.global_blur_p, solarize_p=self.global_solarize_p)
-            for _ in range(self.num_global)])}
+        """Crops one record."""
+        image, label = record_array(element)
+        out = {}
+        out['global'], out['global_ops'] = self._crops(
+            image, rng, self.num_global, self.global_size, self.global_scale, self.global_ops)
         if self.num_local:
-            out['local'] = np.stack([
-                self.crop(image, rng, size=self.local_size, scale=self.local_scale,
-                          blur_p=self.local_blur_p, solarize_p=self.local_solarize_p)
-                for _ in range(self.num_local)])
+            out['local'], out['local_ops'] = self._crops(
+                image, rng, self.num_local, self.local_size, self.local_scale, self.local_ops)
         out['label'] = np.int32(label)
         return out
 

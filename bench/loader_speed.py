@@ -1,0 +1,164 @@
+r"""Training-loader throughput: decode + DINO multi-crop (1 x 224 + 8 x 96) per CPU core.
+
+Goal (issue 3): at least 300 samples/s per CPU core on JPEGs of ImageNet size (~400 x 350,
+quality 90), with the worker and thread counts the config uses by default (`data.num_workers`,
+`data.num_threads`). The light ops (jitter, blur, solarize...) run in the train step on the
+accelerator (`photometric.py`); `--device_ops` also times them on this machine's JAX device.
+
+  python -m bench.loader_speed                       # the config's defaults, 5 repeats
+  python -m bench.loader_speed --settings=0:1,0:2,0:16,2:1,2:2 --device_ops --append
+
+The images are real photos (the two that scikit-learn ships), cut and resized at random to
+380-430 x 330-370 px and stored as an ArrayRecord dataset in a temporary directory; `--data`
+reads a dataset directory of your own instead. One sample is one image with all its crops.
+Prints the median over repeats of samples/s, per core and in all; `--append` adds them to
+bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+from sdtl_jax import config_lib
+from sdtl_jax.data import input_pipeline, records, sources
+
+
+def make_jpeg_dataset(out: str, num_images: int, seed: int = 0) -> sources.DatasetSplit:
+    """ImageNet-size JPEGs (quality 90) cut from scikit-learn's sample photos, as shards."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    with records.ShardWriter(out, 'train', num_classes=10) as writer:
+        for i in range(num_images):
+            photo = photos[i % len(photos)]
+            w, h = int(rng.integers(380, 431)), int(rng.integers(330, 371))
+            zoom = rng.uniform(0.6, 1.0)
+            left = rng.uniform(0, photo.width - w * zoom)
+            top = rng.uniform(0, photo.height - h * zoom)
+            image = photo.resize((w, h), Image.Resampling.BILINEAR,
+                                 box=(left, top, left + w * zoom, top + h * zoom))
+            buf = io.BytesIO()
+            image.save(buf, format='JPEG', quality=90)
+            writer.write(buf.getvalue(), i % 10, f'photo{i:05d}')
+        info = writer.close()
+    records.write_meta(out, 'bench_jpegs', 'real', [str(c) for c in range(10)], {'train': info})
+    return sources.split_from_dir(out, 'train')
+
+
+def samples_per_second(split: sources.DatasetSplit, *, aug, num_workers: int,
+                       num_threads: int, batch: int, num_batches: int,
+                       repeats: int) -> list[float]:
+    """samples/s of the training pipeline, one figure per repeat (after warm-up batches)."""
+    iterator = iter(input_pipeline.train_dataset(split, global_batch=batch, seed=0, aug=aug,
+                                                 num_workers=num_workers,
+                                                 num_threads=num_threads))
+    # Warm-up: workers start, shards open, and the batches prefetched meanwhile are drained,
+    # so that the timed batches are made while we wait.
+    for _ in range((num_threads + 3) * max(input_pipeline.resolve_num_workers(num_workers), 1)):
+        next(iterator)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(num_batches):
+            next(iterator)
+        rates.append(num_batches * batch / (time.perf_counter() - start))
+    iterator.close()
+    return rates
+
+
+def device_ops_line(split: sources.DatasetSplit, aug, batch: int) -> str:
+    """Median time of the light ops of one batch (all crops) on the default JAX device."""
+    import jax
+
+    from sdtl_jax.data import photometric
+
+    first = next(iter(input_pipeline.train_dataset(split, global_batch=batch, seed=0, aug=aug)))
+    fn = jax.jit(lambda b: [photometric.apply(
+        b[k].reshape((-1,) + b[k].shape[2:]), b[f'{k}_ops'].reshape(-1, photometric.NUM_OPS))
+        for k in ('global', 'local')])
+    device_batch = jax.device_put(first)
+    jax.block_until_ready(fn(device_batch))
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(device_batch))
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return (f'  light ops on {jax.devices()[0].device_kind}: {seconds * 1e3:.0f} ms per batch '
+            f'of {batch} ({batch / seconds:.0f} samples/s)')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    data = config_lib.base(data='imagenet100').data
+    default = f'{data.num_workers}:{data.num_threads}'
+    parser.add_argument('--settings', default=default,
+                        help=f'comma-separated workers:threads pairs (workers -1 = one per '
+                             f'core); the config default is {default}')
+    parser.add_argument('--device_ops', action='store_true',
+                        help='also time the light ops of a batch on the JAX device')
+    parser.add_argument('--data', default='', help='a dataset directory (default: photos)')
+    parser.add_argument('--num_images', type=int, default=512)
+    parser.add_argument('--batch', type=int, default=64)
+    parser.add_argument('--num_batches', type=int, default=8)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--append', action='store_true', help='append to bench/RESULTS.md')
+    args = parser.parse_args(argv)
+
+    aug = config_lib.base(data='imagenet100').aug      # the paper's multi-crop, 224 + 8 x 96
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        split = (sources.split_from_dir(args.data, 'train') if args.data
+                 else make_jpeg_dataset(tmp, args.num_images))
+        lines = [f'decode + multi-crop {aug.num_global} x {aug.global_size} + {aug.num_local} x '
+                 f'{aug.local_size}, batch {args.batch}, {args.repeats} x {args.num_batches} '
+                 f'batches, {cores} CPU cores, {platform.machine()}'
+                 f'{_versions()}']
+        for setting in args.settings.split(','):
+            workers, threads = (int(x) for x in setting.split(':'))
+            rates = samples_per_second(split, aug=aug, num_workers=workers, num_threads=threads,
+                                       batch=args.batch, num_batches=args.num_batches,
+                                       repeats=args.repeats)
+            median = statistics.median(rates)
+            shown = input_pipeline.resolve_num_workers(workers)
+            lines.append(f'  {shown} workers x {threads:2d} threads: {median / cores:5.0f} '
+                         f'samples/s per core (median; {median:.0f} in all; repeats '
+                         f'{min(rates):.0f}-{max(rates):.0f})')
+            print(lines[-1], flush=True)
+        if args.device_ops:
+            lines.append(device_ops_line(split, aug, args.batch))
+            print(lines[-1], flush=True)
+    print(lines[0])
+    if args.append:
+        argv_shown = ' '.join(a for a in (argv or sys.argv[1:]) if a != '--append')
+        with open(os.path.join(os.path.dirname(__file__), 'RESULTS.md'), 'a') as f:
+            f.write(f'\n### loader_speed, {datetime.date.today()}\n\n'
+                    f'`python -m bench.loader_speed {argv_shown}`\n\n```\n'
+                    + '\n'.join(lines) + '\n```\n')
+
+
+def _versions() -> str:
+    from importlib import metadata
+
+    import cv2
+    return (f', opencv {cv2.__version__}, pillow {Image.__version__}, '
+            f'grain {metadata.version("grain")}')
+
+
+if __name__ == '__main__':
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()   # grain's worker processes read absl flags (TRAPS.md)
+    main()
