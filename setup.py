@@ -14,14 +14,18 @@ CORE = [
     'ml-collections>=1.0',
     'msgpack>=1.0',
     'numpy>=2.0',
+    'opencv-python-headless>=4.10',   # decode + crop path of the loader (bench/RESULTS.md)
     'optax>=0.2.8',
     'orbax-checkpoint>=0.12',
     'pillow>=10.0',
     'scikit-learn>=1.4',      # its bundled digits are the demo's real data
+    'scipy>=1.10',            # reads the ImageNet devkit's meta.mat (import_imagenet100)
     'tensorboardX>=2.6',
     'tqdm>=4.66',
 ]
 GENERATE = ['torch>=2.13', 'diffusers>=0.42', 'transformers>=5.0', 'accelerate>=1.0']
+# import_tfds reads TFDS datasets prepared as array_record; no TensorFlow needed.
+TFDS = ['tensorflow-datasets>=4.9.9', 'importlib_resources>=6.0']
 TEST = ['pytest>=8.0', 'ruff>=0.6']
 
 setuptools.setup(
@@ -35,6 +39,7 @@ setuptools.setup(
     extras_require={
         'generate': GENERATE,
         'test': TEST,
+        'tfds': TFDS,
         'tpu': ['jax[tpu]>=0.10'],
         'gpu': ['jax[cuda12]>=0.10'],
     },

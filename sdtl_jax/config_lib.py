@@ -15,6 +15,7 @@ import math
 
 import ml_collections
 
+from sdtl_jax.data import augment
 from sdtl_jax.models import layers
 
 # The paper's two settings (SPEC.md sections 4 and 8) and the embedded demo data. `model` is the
@@ -35,6 +36,7 @@ SMALL_MODELS = {
 }
 MODELS = tuple(SMALL_MODELS)
 DTYPES = ('auto', 'float32', 'bfloat16')
+AUGMENTATIONS = augment.PIPELINES
 FROZEN_BN = layers.FROZEN_BN
 NUM_LAYERS = layers.NUM_LAYERS
 
@@ -97,11 +99,26 @@ def base(*, data: str, model: str | None = None, demo: bool = False,
     c.data.train_split = 'train'
     c.data.eval = preset['real']        # evaluation is always on real images (SPEC.md section 1)
     c.data.eval_split = preset['eval_split']
-    c.data.num_threads = 16             # grain read threads (TRAPS.md: threads beat processes)
+    # Loader: one worker process per CPU core (-1), 2 read threads each: measured fastest on
+    # 2 cores (bench/RESULTS.md, loader_speed). 0 workers keeps decoding in this process.
+    c.data.num_workers = -1
+    c.data.num_threads = 2
+    # Reduced training sets (Table 6): a seeded random fraction of data.train, per class if
+    # stratified; applies to the stage that trains on data.train, never to a transfer's source.
+    c.data.train_fraction = 1.0
+    c.data.stratified = False
     c.data.max_train_examples = ml_collections.FieldReference(None, field_type=int)
+    # Records that do not decode stop the run, naming shard and record; True skips them and
+    # logs each to <workdir>/skipped_records.txt (counted in results.json).
+    c.data.skip_corrupt = False
 
-    # DINO multi-crop (SPEC.md section 5).
+    # Augmentation: one of augment.PIPELINES (Table 1); DINO multi-crop (SPEC.md section 5) is
+    # the recipe's. global_size is the crop of every pipeline; the rest is multi-crop's, except
+    # pixmix_dir (PixMix's mixing pictures; '' = generated fractals, cached in
+    # <data_dir>/pixmix_fractals).
     c.aug = ml_collections.ConfigDict()
+    c.aug.name = 'multicrop'
+    c.aug.pixmix_dir = ''
     c.aug.global_size = 224
     c.aug.num_global = 1
     c.aug.global_scale = (0.25, 1.0)
@@ -142,6 +159,8 @@ def base(*, data: str, model: str | None = None, demo: bool = False,
     c.log_every_steps = 10
 
     if demo or smoke:
+        # 8x8 digits: decoding is trivial, worker processes would only add start-up time.
+        c.data.num_workers = 0
         c.model.update(SMALL_MODELS[model])
         c.aug.global_size, c.aug.local_size = 32, 16
         c.eval.resize, c.eval.crop = 32, 32
@@ -161,7 +180,6 @@ def base(*, data: str, model: str | None = None, demo: bool = False,
         c.aug.num_local = 2
         c.eval.last_epochs = 1
         c.data.max_train_examples = 3 * c.global_batch     # 3 steps per stage
-        c.data.num_threads = 2
         c.log_every_steps = 1
     return c
 
@@ -183,6 +201,8 @@ def source_stage(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     """The config of the pre-training stage that a transfer run starts from."""
     source = config.copy_and_resolve_references()
     source.data.train = config.transfer.source_data
+    source.data.train_fraction = 1.0      # Table 6 reduces the transfer's data, not the source's
+    source.data.stratified = False
     source.transfer.source_data = ''
     source.transfer.init_from = ''
     source.transfer.num_frozen = 0
@@ -210,9 +230,8 @@ class Steps:
 
 
 def steps(config: ml_collections.ConfigDict, num_train_examples: int) -> Steps:
-    """Epochs -> steps. The last partial batch is dropped (SPEC.md section 4)."""
-    if config.data.max_train_examples is not None:
-        num_train_examples = min(num_train_examples, config.data.max_train_examples)
+    """Epochs -> steps for a training set of `num_train_examples` (after any subset). The
+    last partial batch is dropped (SPEC.md section 4)."""
     per_epoch = num_train_examples // config.global_batch
     if per_epoch == 0:
         raise ValueError(f'{num_train_examples} training examples make no full batch of '
@@ -253,6 +272,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
     check(config.aug.num_global >= 1, 'aug.num_global', '>= 1')
     check(config.aug.num_local >= 0, 'aug.num_local', '>= 0')
     check(config.eval.crop <= config.eval.resize, 'eval.crop', '<= eval.resize')
+    check(0 < config.data.train_fraction <= 1, 'data.train_fraction',
+          '(0, 1], e.g. 1/2**x for x = 0..7 (Table 6)')
+    check(config.data.num_workers >= -1, 'data.num_workers', '-1 (one per core), 0 or more')
+    check(config.data.num_threads >= 1, 'data.num_threads', '>= 1')
+    check(config.aug.name in AUGMENTATIONS, 'aug.name', list(AUGMENTATIONS))
     check(math.isfinite(config.optim.base_lr) and config.optim.base_lr > 0, 'optim.base_lr',
           '> 0')
 

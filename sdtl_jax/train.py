@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from sdtl_jax import checkpointing, config_lib, evaluate, metrics_io, models, optim, sharding
-from sdtl_jax.data import input_pipeline, normalize, sources
+from sdtl_jax.data import input_pipeline, normalize, photometric, reader, sources, subsets
 
 
 @flax.struct.dataclass
@@ -57,7 +57,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, dtype):
                 continue
             crops = batch[key]
             per_image = crops.shape[1]
-            images = normalize.normalize(crops.reshape((-1,) + crops.shape[2:]), dtype)
+            images = crops.reshape((-1,) + crops.shape[2:])
+            if f'{key}_ops' in batch:   # multi-crop's light ops run here, on the device
+                images = photometric.apply(
+                    images, batch[f'{key}_ops'].reshape(-1, photometric.NUM_OPS))
+            images = normalize.normalize(images, dtype)
             (logits, _), updates = model.apply(
                 {'params': params, 'batch_stats': stats}, images, train=True,
                 mutable=['batch_stats'])
@@ -103,7 +107,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if list(train_split.classes) != list(eval_split.classes):
         raise ValueError(f'Class lists differ: data.train={config.data.train!r} and '
                          f'data.eval={config.data.eval!r} must use the same labels')
-    steps = config_lib.steps(config, train_split.num_examples)
+    # The reduced training set (Table 6), drawn once and stored in the workdir.
+    train_indices = subsets.select(
+        train_split, fraction=config.data.train_fraction, stratify=config.data.stratified,
+        seed=config.seed, max_examples=config.data.max_train_examples, workdir=workdir,
+        write=is_main)
+    num_train = train_split.num_examples if train_indices is None else len(train_indices)
+    steps = config_lib.steps(config, num_train)
     dtype = _dtype(config.dtype)
     num_frozen = config.transfer.num_frozen
     model = models.build(config.model, num_classes=len(train_split.classes),
@@ -133,10 +143,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                            total_steps=steps.total)
 
     process_count, process_index = jax.process_count(), jax.process_index()
+    skip = dict(skip_corrupt=config.data.skip_corrupt,
+                skip_log=os.path.join(workdir, reader.SKIP_LOG))
+    aug = {**config.aug.to_dict(), 'pixmix_cache_dir': os.path.join(data_dir, 'pixmix_fractals')}
     train_iter = iter(input_pipeline.train_dataset(
-        train_split, global_batch=config.global_batch, seed=config.seed, aug=config.aug,
+        train_split, global_batch=config.global_batch, seed=config.seed, aug=aug,
         process_index=process_index, process_count=process_count,
-        num_threads=config.data.num_threads, max_examples=config.data.max_train_examples))
+        num_threads=config.data.num_threads, num_workers=config.data.num_workers,
+        indices=train_indices, **skip))
 
     def new_state(params, batch_stats):
         return jax.device_put(initial_state(params, batch_stats, tx, state_rng), replicated)
@@ -156,7 +170,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     trainable_params = num_params({k: v for k, v in state.params.items()
                                    if k not in layer_names[:num_frozen]})
     metrics_io.say(
-        f'{workdir}: {config.model.name} on {config.data.train}, {total_params:,} params '
+        f'{workdir}: {config.model.name} on {config.data.train} ({num_train:,} of '
+        f'{train_split.num_examples:,} images, {config.aug.name}), {total_params:,} params '
         f'({trainable_params:,} trainable, {num_frozen} of {len(layer_names)} layers frozen), '
         f'global batch {config.global_batch} ({config.global_batch // jax.device_count()} per '
         f'device), {steps.total} steps ({steps.per_epoch} per epoch)')
@@ -172,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                     eval_split, global_batch=config.eval.global_batch,
                                     resize=config.eval.resize, crop=config.eval.crop,
                                     process_index=process_index,
-                                    process_count=process_count), mesh)
+                                    process_count=process_count, **skip), mesh)
         record = {'epoch': epoch, 'train_loss': train_loss, 'lr': lr,
                   'wall_s': wall_offset + time.time() - t_start, **acc}
         writer.scalars(step, record, jsonl=True)
@@ -234,6 +249,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             'source_data': config.transfer.source_data,
             'epochs': config.num_epochs,
             'steps': steps.total,
+            'train_examples': num_train,
+            'train_fraction': config.data.train_fraction,
+            'skipped_records': reader.count_skipped(workdir),
             'global_batch': config.global_batch,
             'num_params': total_params,
             'num_trainable_params': trainable_params,

@@ -46,7 +46,9 @@ def test_num_frozen_argument():
 
 def test_source_stage_trains_on_the_source_domain():
     c = load(pathlib.Path('configs/real_to_synth.py'), 'demo,num_frozen=4')
+    c.data.train_fraction = 0.125
     s = config_lib.source_stage(c)
+    assert (s.data.train_fraction, c.data.train_fraction) == (1.0, 0.125)   # Table 6
     assert (s.data.train, s.transfer.num_frozen, s.transfer.source_data) == ('digits_real', 0, '')
     assert c.data.train == 'digits_synth'     # the original is untouched
 
@@ -68,6 +70,10 @@ def test_bad_arguments_name_the_key(arg, message):
     ('transfer.frozen_bn', 'train', 'transfer.frozen_bn'),
     ('global_batch', 12, 'global_batch'),
     ('dtype', 'float16', 'dtype'),
+    ('data.train_fraction', 0.0, r'data.train_fraction=0.0 is invalid; allowed: \(0, 1\]'),
+    ('data.train_fraction', 1.5, 'data.train_fraction'),
+    ('aug.name', 'randaugment', "aug.name='randaugment' is invalid; allowed: .*'augmix'"),
+    ('data.num_workers', -2, 'data.num_workers'),
 ])
 def test_validate_rejects_out_of_range_values(key, value, message):
     c = load(pathlib.Path('configs/real_to_synth.py'))

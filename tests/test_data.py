@@ -13,17 +13,18 @@ from sdtl_jax.data import (
     demo,
     generator,
     input_pipeline,
+    photometric,
     records,
     sources,
+    subsets,
     transforms,
-    write_arrayrecord,
 )
 
 # grain reads absl flags; conftest.py does this too, but the module must also run on its own.
 flags.FLAGS.mark_as_parsed()
 
 NUM_TINY, TINY_CLASSES = 64, ['a', 'b', 'c', 'd']
-AUG = {'global_size': 16, 'local_size': 8, 'num_global': 2, 'num_local': 3,
+AUG = {'name': 'multicrop', 'global_size': 16, 'local_size': 8, 'num_global': 2, 'num_local': 3,
        'global_scale': (0.25, 1.0), 'local_scale': (0.05, 0.25)}
 
 
@@ -55,7 +56,10 @@ def demo_dir(tmp_path_factory):
 
 
 def _ids(dataset, start: int, stop: int) -> list[str]:
-    return [records.decode_record(dataset[i])['id'] for i in range(start, stop)]
+    """Record ids of a raw source (bytes) or of a `reader.RecordReader` stream."""
+    elements = (dataset[i] for i in range(start, stop))
+    return [records.decode_record(e['record'] if isinstance(e, dict) else e)['id']
+            for e in elements]
 
 
 # Records and meta.json.
@@ -81,6 +85,9 @@ def test_shard_writer_and_meta(tmp_path):
     import grain
     source = grain.sources.ArrayRecordDataSource(split.files)
     assert _ids(source, 0, 10) == [f'img{i:03d}' for i in range(10)]
+    np.testing.assert_array_equal(records.read_labels(tmp_path, 'train'),
+                                  [i % len(TINY_CLASSES) for i in range(10)])
+    assert records.read_labels(tmp_path, 'val') is None     # e.g. written before the sidecar
     # Rewriting the split with another shard count leaves no stale shards behind.
     split = _write_tiny(tmp_path, n=10, records_per_shard=10)
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.array_record')) == [
@@ -164,7 +171,7 @@ def test_decode_modes():
 
 def test_multicrop_and_eval_transform():
     record = records.encode_record(records.encode_jpeg(_tiny_image(5)), 2, 'x')
-    crop = transforms.MultiCrop(**AUG)
+    crop = transforms.MultiCrop(**{k: v for k, v in AUG.items() if k != 'name'})
     out = crop.random_map(record, np.random.default_rng(0))
     assert out['global'].shape == (2, 16, 16, 3) and out['global'].dtype == np.uint8
     assert out['local'].shape == (3, 8, 8, 3) and out['local'].dtype == np.uint8
@@ -192,9 +199,11 @@ def test_train_batches(tiny):
     assert batch['global'].shape == (8, 2, 16, 16, 3) and batch['global'].dtype == np.uint8
     assert batch['local'].shape == (8, 3, 8, 8, 3) and batch['local'].dtype == np.uint8
     assert batch['label'].shape == (8,) and batch['label'].dtype == np.int32
+    assert batch['global_ops'].shape == (8, 2, photometric.NUM_OPS)
+    assert batch['local_ops'].shape == (8, 3, photometric.NUM_OPS)
     no_local = dict(AUG, num_local=0)
     batch = next(iter(input_pipeline.train_dataset(tiny, global_batch=8, seed=0, aug=no_local)))
-    assert set(batch) == {'global', 'label'}
+    assert set(batch) == {'global', 'global_ops', 'label'}
     assert input_pipeline.steps_per_epoch(tiny.num_examples, 12) == 5
 
 
@@ -209,6 +218,14 @@ def test_train_deterministic(tiny):
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
     assert not np.array_equal(a[0]['global'], c[0]['global'])
+    # Worker processes (the default on real data) give the very same batches.
+    it = iter(input_pipeline.train_dataset(tiny, global_batch=8, seed=0, aug=AUG,
+                                           num_workers=2))
+    for x in a:
+        y = next(it)
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    it.close()
 
 
 def test_epochs_reshuffle(tiny):
@@ -238,24 +255,33 @@ def test_process_parts_disjoint(tiny, global_batch):
     assert batch['global'].shape[0] == 4
 
 
-def test_max_examples_subset(tiny):
-    stream = input_pipeline.train_records(tiny, global_batch=8, seed=0, max_examples=16)
+def test_subset_stream(tiny):
+    indices = subsets.uniform(NUM_TINY, 16, seed=0)
+    stream = input_pipeline.train_records(tiny, global_batch=8, seed=0, indices=indices)
+    assert {int(i[3:]) for i in _ids(stream, 0, 16)} == set(indices.tolist())
     assert len(set(_ids(stream, 0, 16))) == 16 and set(_ids(stream, 0, 16)) == set(
         _ids(stream, 16, 32))
 
 
-def test_iterator_state(tiny):
-    it = iter(input_pipeline.train_dataset(tiny, global_batch=8, seed=3, aug=AUG))
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_iterator_state(tiny, num_workers):
+    def pipeline():
+        return iter(input_pipeline.train_dataset(tiny, global_batch=8, seed=3, aug=AUG,
+                                                 num_workers=num_workers))
+
+    it = pipeline()
     for _ in range(3):
         next(it)
     state = it.get_state()
     expected = [next(it) for _ in range(2)]
-    restored = iter(input_pipeline.train_dataset(tiny, global_batch=8, seed=3, aug=AUG))
+    it.close()
+    restored = pipeline()
     restored.set_state(json.loads(json.dumps(state)))  # the state survives serialisation
     for want in expected:
         got = next(restored)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+    restored.close()
 
 
 @pytest.mark.parametrize('process_count', [1, 2])
@@ -278,37 +304,6 @@ def test_eval_every_example_once(tmp_path, process_count):
         assert counts == [3]
         last = list(input_pipeline.eval_batches(split, global_batch=4, resize=10, crop=10))[-1]
         assert last['mask'].tolist() == [True, True, False, False]
-
-
-# Image folder -> shards.
-
-def test_write_arrayrecord(tmp_path):
-    src = tmp_path / 'src'
-    for cls in ('cat', 'dog'):
-        (src / cls).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(_tiny_image(i)).save(src / cls / f'{i}.jpg')
-        Image.fromarray(_tiny_image(9)).save(src / cls / 'x.bmp')
-    (src / 'dog' / 'broken.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
-    (src / 'dog' / '0.json').write_text('{"seed": 5}')
-    out = tmp_path / 'out'
-    assert write_arrayrecord.main([f'--src={src}', f'--out={out}', '--split=train',
-                                   '--domain=real']) == 0
-    listed = (out / 'train_unreadable.txt').read_text()
-    assert str(src / 'dog' / 'broken.jpg') in listed
-    meta = records.read_meta(out)
-    assert meta['name'] == 'out' and meta['classes'] == ['cat', 'dog']
-    assert meta['splits']['train']['class_counts'] == [3, 3]
-    split = sources.split_from_dir(out, 'train')
-    import grain
-    source = grain.sources.ArrayRecordDataSource(split.files)
-    by_id = {r['id']: r for r in map(records.decode_record, (source[i] for i in range(6)))}
-    assert by_id[os.path.join('cat', '0.jpg')]['image'] == (src / 'cat' / '0.jpg').read_bytes()
-    assert by_id[os.path.join('dog', '0.jpg')]['meta'] == {'seed': 5}
-    assert Image.open(io.BytesIO(by_id[os.path.join('cat', 'x.bmp')]['image'])).format == 'PNG'
-    # A second split is merged into meta.json.
-    write_arrayrecord.convert(str(src), str(out), split='val', domain='real')
-    assert set(records.read_meta(out)['splits']) == {'train', 'val'}
 
 
 # Demo data.

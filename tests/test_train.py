@@ -44,15 +44,20 @@ RESULT_KEYS = {'top1_mean', 'top1_std', 'top5_mean', 'top5_std', 'train_loss_mea
                'wall_seconds'}
 
 
-@pytest.mark.parametrize('name, arg', [
-    ('baseline', 'domain=real'),
-    ('baseline', 'domain=synth,model=tinyvit_5m,data=pets'),
-    ('real_to_synth', 'num_frozen=8'),
-    ('synth_to_real', 'num_frozen=8,model=tinyvit_5m,data=pets'),
+@pytest.mark.parametrize('name, arg, overrides', [
+    # A Table 1 pipeline other than multi-crop, on a reduced set (Table 6), end to end.
+    ('baseline', 'domain=real', {'aug.name': 'pixmix', 'data.train_fraction': 0.5}),
+    ('baseline', 'domain=synth,model=tinyvit_5m,data=pets', {}),
+    ('real_to_synth', 'num_frozen=8', {}),
+    ('synth_to_real', 'num_frozen=8,model=tinyvit_5m,data=pets', {}),
 ])
-def test_smoke_run(name, arg, data_dir, tmp_path):
-    config = smoke(name, arg, data_dir)
+def test_smoke_run(name, arg, overrides, data_dir, tmp_path):
+    config = smoke(name, arg, data_dir, **overrides)
     results = train.run(config, str(tmp_path))
+    assert results['train_examples'] == 24 and results['skipped_records'] == 0
+    if overrides:
+        subset = json.loads((tmp_path / 'train_subset.json').read_text())
+        assert (subset['size'], subset['fraction'], subset['dataset']) == (24, 0.5, 'digits_real')
     assert RESULT_KEYS <= set(results)
     assert np.isfinite(results['train_loss_mean']) and 0 <= results['top1_mean'] <= 100
     assert results['top5_mean'] >= results['top1_mean']
