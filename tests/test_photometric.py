@@ -97,6 +97,16 @@ def test_resized_crop_matches_pil_bicubic(photos, box):
         assert np.abs(got - want).mean() < 2.5, (box, size, np.abs(got - want).mean())
 
 
+def test_tiny_regions_upscale_exactly_as_torchvision(photos):
+    """Upscaling by 2x or more (e.g. the demo's 8x8 digits): PIL on the cropped region, as
+    torchvision's resized_crop does, bit for bit."""
+    region = photos[0][5:13, 7:14]
+    got = transforms.resized_crop(photos[0], (5, 7, 8, 7), 32)
+    want = np.asarray(Image.fromarray(np.ascontiguousarray(region)).resize(
+        (32, 32), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_jpeg_fast_path_bit_identical_to_pil(photos):
     for mode in ('RGB', 'L'):
         buf = io.BytesIO()
