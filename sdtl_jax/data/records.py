@@ -263,6 +263,14 @@ def _validate_meta(meta: Any, path: str) -> dict[str, Any]:
     return meta
 
 
+def write_json(path: str, value: Any) -> None:
+    """Writes `value` as JSON to `path` atomically (temporary file, then rename)."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+
+
 def write_meta(dataset_dir: str | os.PathLike, name: str, domain: str, classes: Sequence[str],
                splits: Mapping[str, Mapping[str, Any]]) -> str:
     """Writes `<dataset_dir>/meta.json` atomically; returns its path."""

@@ -114,13 +114,6 @@ def fingerprint(items: Iterable[Item], problems: Sequence[tuple[str, str]],
     return h.hexdigest()
 
 
-def _write_json(path: str, value: Any) -> None:
-    tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(value, f)
-    os.replace(tmp, path)
-
-
 def _unreadable_path(out_dir: str, split: str) -> str:
     return os.path.join(out_dir, f'{split}_unreadable.txt')
 
@@ -280,7 +273,7 @@ def write_split(out_dir: str | os.PathLike, items: Sequence[Item], *, name: str,
             os.replace(tmp, os.path.join(out_dir, files[index]))
             done[str(index)] = {'file': files[index], **info}
             num_unreadable += len(info['unreadable'])
-            _write_json(progress_path, {'fingerprint': expected, 'num_shards': num_shards,
+            records.write_json(progress_path, {'fingerprint': expected, 'num_shards': num_shards,
                                         'shards': done})
     return _finish(out_dir, [done[str(i)] for i in range(num_shards)], problems, name=name,
                    domain=domain, classes=classes, split=split, num_items=len(items),
