@@ -12,18 +12,17 @@ Prints one line per N and the ratio of each to N = 0; `--append` adds them to be
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import results
 from sdtl_jax import config_lib, models, optim, train
 
 
@@ -69,27 +68,20 @@ def main():
     dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
     device = (f'{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores, '
               f'{platform.machine()}')
-    results = {}
+    seconds_per_step = {}
     for n in [int(x) for x in args.num_frozen.split(',')]:
-        results[n] = time_step(num_frozen=n, width=args.width, image_size=args.image_size,
+        seconds_per_step[n] = time_step(num_frozen=n, width=args.width, image_size=args.image_size,
                                batch=args.batch, num_classes=100, repeats=args.repeats,
                                dtype=dtype)
-    base = results.get(0)
+    base = seconds_per_step.get(0)
     lines = [f'ResNet-50 width {args.width}, batch {args.batch}, {args.image_size} px, '
              f'1 global crop, {args.dtype}, {device}, jax {jax.__version__}']
-    for n, seconds in results.items():
+    for n, seconds in seconds_per_step.items():
         ratio = f', ratio to N=0: {seconds / base:.3f}' if base else ''
         lines.append(f'  N={n:2d}: {seconds:.3f} s/step{ratio}')
     print('\n'.join(lines))
     if args.append:
-        with open('bench/RESULTS.md', 'a') as f:
-            f.write(f'\n### freeze_speed, {datetime.date.today()}\n\n'
-                    f'`python -m bench.freeze_speed {" ".join(_argv())}`\n\n```\n'
-                    + '\n'.join(lines) + '\n```\n')
-
-
-def _argv():
-    return [a for a in sys.argv[1:] if a != '--append']
+        results.append('freeze_speed', lines)
 
 
 if __name__ == '__main__':

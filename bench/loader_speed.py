@@ -18,18 +18,17 @@ bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
+from bench import results
 from sdtl_jax import config_lib
 from sdtl_jax.data import input_pipeline, records, sources
 
@@ -142,11 +141,7 @@ def main(argv=None):
             print(lines[-1], flush=True)
     print(lines[0])
     if args.append:
-        argv_shown = ' '.join(a for a in (argv or sys.argv[1:]) if a != '--append')
-        with open(os.path.join(os.path.dirname(__file__), 'RESULTS.md'), 'a') as f:
-            f.write(f'\n### loader_speed, {datetime.date.today()}\n\n'
-                    f'`python -m bench.loader_speed {argv_shown}`\n\n```\n'
-                    + '\n'.join(lines) + '\n```\n')
+        results.append('loader_speed', lines, argv)
 
 
 def _versions() -> str:
