@@ -81,6 +81,8 @@ def test_generates_every_class_index_once_with_provenance(generated, tiny_sd):
     assert summary['num_examples'] == 8 and len(summary['files']) == 4
     assert [summary['class_counts'][c] for c in PICKED] == [4, 4]
     assert sum(summary['class_counts']) == 8 and summary['num_resamples'] == 0
+    assert generator.format_summary(summary).startswith(
+        '[imagenet100_synth/train] 8 images in 4 shards: 4 per class for 2 classes; 0 re-sampled')
     assert records.read_labels(out, 'train').tolist() == [r['label'] for r in recs]
     definitions = {c['wnid']: c for c in sources.load_reference('imagenet100.json')['classes']}
     for r in recs:
@@ -159,6 +161,9 @@ def test_killed_run_resumes_to_the_exact_set(tiny_sd, tmp_path):
     assert sorted(f for f in os.listdir(out) if f.endswith('.array_record')) == [
         'train-00000-of-00003.array_record']
     assert not os.path.exists(os.path.join(out, 'meta.json'))
+    # What a SIGKILL leaves behind: a half-written shard under its temporary name.
+    with open(os.path.join(out, '.tmp-train-00001.99999'), 'wb') as f:
+        f.write(b'half a shard')
     resumed = DiesAfter(gen, 0)
     summary = write(resumed, out, requests)
     assert resumed.seen == 4           # shards 1 and 2 only
@@ -247,6 +252,32 @@ def test_an_image_flagged_every_time_stops_the_run(tiny_sd):
                                      class_indices=[7])
     with pytest.raises(RuntimeError, match=f"all 3 samples of class '{CLASSES[7]}' index 0"):
         gen.generate(request)
+
+
+class RunsOutOfMemoryUnlessSliced:
+    """A pipeline whose batch fits in GPU memory only once the VAE decodes image by image."""
+
+    def __init__(self):
+        import types
+        self.sliced = False
+        self.vae = types.SimpleNamespace(enable_slicing=lambda: setattr(self, 'sliced', True))
+
+    def __call__(self, prompt, **kwargs):
+        import types
+        if not self.sliced:
+            raise torch.OutOfMemoryError('CUDA out of memory')
+        return types.SimpleNamespace(images=np.full((len(prompt), 4, 4, 3), 0.5, np.float32))
+
+
+def test_out_of_memory_switches_vae_slicing_on_once(capsys):
+    gen = diffusion.DiffusionGenerator(RunsOutOfMemoryUnlessSliced(), {},
+                                       speed={'vae_slicing': False})
+    images, flagged = gen.run(['a', 'b'], [1, 2])
+    assert images.shape == (2, 4, 4, 3) and (images == 128).all() and flagged == [False] * 2
+    assert gen.speed['vae_slicing'] is True and 'one image at a time' in capsys.readouterr().err
+    gen.pipe.sliced = False     # out of memory even with slicing: stop with what to do
+    with pytest.raises(RuntimeError, match='lower --config.batch_size'):
+        gen.run(['a'], [1])
 
 
 def test_disabled_safety_checker_warns(tiny_sd, capsys):

@@ -415,12 +415,16 @@ def merge(out_dir: str | os.PathLike, split: str = 'train', *,
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """A few lines: totals, images per class (min/max), classes that needed re-sampling."""
-    counts = [c for c in summary['class_counts'] if c]
+    """A few lines: totals, images per class, classes that needed re-sampling."""
+    counts = {c: n for c, n in enumerate(summary['class_counts']) if n}
+    most = max(counts.values())
     lines = [f'[{summary["name"]}/{summary["split"]}] {summary["num_examples"]:,} images in '
-             f'{len(summary["files"])} shards, {len(counts)} classes, '
-             f'{min(counts)}-{max(counts)} per class; {summary["num_resamples"]:,} re-sampled '
-             f'(safety checker)']
+             f'{len(summary["files"])} shards: {most:,} per class for {len(counts)} classes; '
+             f'{summary["num_resamples"]:,} re-sampled (safety checker)']
+    fewer = {c: n for c, n in counts.items() if n < most}
+    if fewer:
+        lines.append('  classes with fewer images: ' + ', '.join(
+            f'{c}: {n}' for c, n in fewer.items()))
     classes = [c for c, n in enumerate(summary['resamples']) if n]
     if classes:
         lines.append('  re-samples per class: ' + ', '.join(

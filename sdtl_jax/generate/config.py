@@ -34,7 +34,7 @@ def base(family: str) -> ml_collections.ConfigDict:
     c.height = 384
     c.safety_checker = True            # False: research use, flagged images are kept
     c.max_resamples = 10               # per image, when the safety checker fires
-    # Speed (bench/generator_speed.py measured these).
+    # Speed: none changes the images beyond rounding (compare with bench/generator_speed.py).
     c.device = 'auto'                  # auto = this process's GPU, else cpu
     c.dtype = 'auto'                   # auto = float16 on GPU, float32 on CPU
     c.batch_size = 16

@@ -3,7 +3,8 @@
 `load_pipeline` takes a hub id (`CompVis/stable-diffusion-v1-4`) or a local directory in
 diffusers' layout (model_index.json + component folders) and fails with instructions when the
 weights cannot be reached. `optimize` applies the speed settings (SDPA attention,
-channels_last, torch.compile, VAE slicing). `DiffusionGenerator` generates batches of requests,
+channels_last, torch.compile, VAE slicing, which also switches itself on when a batch runs out
+of GPU memory). `DiffusionGenerator` generates batches of requests,
 each with its own CPU `torch.Generator` seeded from the request (the same starting noise on any
 device), and re-samples any image the safety checker blanked with the request's next derived seed.
 Batched kernels round differently for different batch sizes (measured on CPU, tiny pipeline:
@@ -199,18 +200,38 @@ class DiffusionGenerator:
                 'device': self.info['device_name'], 'speed': dict(self.speed),
                 'versions': library_versions()}
 
-    def run(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[np.ndarray, list[bool]]:
-        """uint8 [B, height, width, 3] images and, per image, whether the checker flagged it."""
+    def _call(self, prompts: Sequence[str], seeds: Sequence[int]):
         import torch
 
         generators = [torch.Generator('cpu').manual_seed(int(s)) for s in seeds]
+        # '' = the pipeline's default: SD 1.x encodes "", SDXL uses zeros.
+        negative = [self.negative_prompt] * len(prompts) if self.negative_prompt else None
         with torch.inference_mode():
-            # '' = the pipeline's default: SD 1.x encodes "", SDXL uses zeros.
-            negative = [self.negative_prompt] * len(prompts) if self.negative_prompt else None
-            out = self.pipe(prompt=list(prompts), negative_prompt=negative,
-                            num_inference_steps=self.steps, guidance_scale=self.guidance,
-                            width=self.width, height=self.height, generator=generators,
-                            output_type='np')
+            return self.pipe(prompt=list(prompts), negative_prompt=negative,
+                             num_inference_steps=self.steps, guidance_scale=self.guidance,
+                             width=self.width, height=self.height, generator=generators,
+                             output_type='np')
+
+    def run(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[np.ndarray, list[bool]]:
+        """uint8 [B, height, width, 3] images and, per image, whether the checker flagged it.
+
+        When a batch runs out of GPU memory (the VAE decode of a big batch is the usual peak),
+        the VAE decodes one image at a time from then on and the batch is made again.
+        """
+        import torch
+
+        try:
+            out = self._call(prompts, seeds)
+        except torch.OutOfMemoryError:
+            if self.speed.get('vae_slicing'):
+                raise RuntimeError(f'out of GPU memory with a batch of {len(prompts)} even with '
+                                   f'VAE slicing: lower --config.batch_size') from None
+            print(f'warning: out of GPU memory with a batch of {len(prompts)}; the VAE decodes '
+                  f'one image at a time from now on', file=sys.stderr, flush=True)
+            torch.cuda.empty_cache()
+            self.pipe.vae.enable_slicing()
+            self.speed = {**self.speed, 'vae_slicing': True}
+            out = self._call(prompts, seeds)
         # diffusers' own numpy -> PIL conversion: round(x * 255).
         images = (np.clip(out.images, 0.0, 1.0) * 255).round().astype(np.uint8)
         flagged = getattr(out, 'nsfw_content_detected', None) or [False] * len(prompts)
