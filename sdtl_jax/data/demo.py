@@ -14,8 +14,6 @@ the paper's synthetic-to-real gap.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import math
 import os
@@ -215,16 +213,6 @@ def _write_synth(dataset_dir: str) -> None:
             out_dir=dataset_dir, name=SYNTH_NAME, seed=SYNTH_SEEDS[split], split=split)
 
 
-@contextlib.contextmanager
-def _lock(path: str):
-    with open(path, 'w') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _built(dataset_dir: str) -> bool:
     return os.path.isfile(os.path.join(dataset_dir, records.META_FILE))
 
@@ -240,7 +228,7 @@ def ensure_demo_data(data_dir: str | os.PathLike | None = None) -> str:
     if all(_built(os.path.join(data_dir, n)) for n in wanted):
         return data_dir
     os.makedirs(data_dir, exist_ok=True)
-    with _lock(os.path.join(data_dir, '.digits_demo.lock')):
+    with generator_lib.file_lock(os.path.join(data_dir, '.digits_demo.lock')):
         for name, write in wanted.items():
             final = os.path.join(data_dir, name)
             if _built(final):  # another process finished it while we waited for the lock

@@ -358,7 +358,8 @@ def write_generated_split(generator: Generator, requests: Sequence[GenerationReq
 
 
 @contextlib.contextmanager
-def _locked(path: str):
+def file_lock(path: str):
+    """Holds an exclusive flock on `path` (created) for processes of one host."""
     with open(path, 'w') as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -388,7 +389,7 @@ def merge(out_dir: str | os.PathLike, split: str = 'train', *,
         raise FileNotFoundError(f'{len(missing)} of {plan["num_shards"]} shards of {out_dir} '
                                 f'are not finished, e.g. {missing[0]}; run the remaining '
                                 f'workers (the same command) first')
-    with _locked(os.path.join(out_dir, f'.{split}.merge.lock')):
+    with file_lock(os.path.join(out_dir, f'.{split}.merge.lock')):
         labels: list[int] = []
         resamples = np.zeros(len(plan['classes']), np.int64)
         for filename in plan['files']:
