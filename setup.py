@@ -26,7 +26,7 @@ CORE = [
 GENERATE = ['torch>=2.13', 'diffusers>=0.42', 'transformers>=5.0', 'accelerate>=1.0']
 # import_tfds reads TFDS datasets prepared as array_record; no TensorFlow needed.
 TFDS = ['tensorflow-datasets>=4.9.9', 'importlib_resources>=6.0']
-TEST = ['pytest>=8.0', 'ruff>=0.6']
+TEST = ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6']
 
 setuptools.setup(
     name='sdtl_jax',

@@ -1,11 +1,6 @@
-"""End to end on the embedded digits: smoke runs of every config, transfer, resume after kill."""
+"""End to end on the embedded digits: smoke runs of every config, transfer, reuse, errors."""
 import json
-import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -47,15 +42,17 @@ RESULT_KEYS = {'top1_mean', 'top1_std', 'top5_mean', 'top5_std', 'train_loss_mea
 @pytest.mark.parametrize('name, arg, overrides', [
     # A Table 1 pipeline other than multi-crop, on a reduced set (Table 6), end to end.
     ('baseline', 'domain=real', {'aug.name': 'pixmix', 'data.train_fraction': 0.5}),
-    ('baseline', 'domain=synth,model=tinyvit_5m,data=pets', {}),
-    ('real_to_synth', 'num_frozen=8', {}),
-    ('synth_to_real', 'num_frozen=8,model=tinyvit_5m,data=pets', {}),
+    # N = 16 as in the transfer tests below and the notebook: one program, compiled once.
+    ('real_to_synth', 'num_frozen=16', {}),
+    # TinyViT's step is the slowest to compile: one pass (global crops only) halves it. Its
+    # source stage is the S-only baseline of the paper's Pets setting.
+    ('synth_to_real', 'num_frozen=8,model=tinyvit_5m,data=pets', {'aug.num_local': 0}),
 ])
 def test_smoke_run(name, arg, overrides, data_dir, tmp_path):
     config = smoke(name, arg, data_dir, **overrides)
     results = train.run(config, str(tmp_path))
     assert results['train_examples'] == 24 and results['skipped_records'] == 0
-    if overrides:
+    if 'data.train_fraction' in overrides:
         subset = json.loads((tmp_path / 'train_subset.json').read_text())
         assert (subset['size'], subset['fraction'], subset['dataset']) == (24, 0.5, 'digits_real')
     assert RESULT_KEYS <= set(results)
@@ -83,9 +80,10 @@ def source_run(data_dir, tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize('num_frozen', [4, 16])
-def test_transfer_keeps_frozen_layers_bit_identical(num_frozen, source_run, data_dir,
-                                                    tmp_path):
+# One N: every N is a program of its own to compile (the unit tests in test_optim.py and
+# test_train_step.py cover other N); 16 is the paper's data-reduction N.
+def test_transfer_keeps_frozen_layers_bit_identical(source_run, data_dir, tmp_path,
+                                                    num_frozen=16):
     config = smoke('real_to_synth', f'num_frozen={num_frozen}', data_dir,
                    **{'transfer.init_from': str(source_run)})
     results = train.run(config, str(tmp_path))
@@ -105,12 +103,12 @@ def test_transfer_keeps_frozen_layers_bit_identical(num_frozen, source_run, data
 
 @pytest.mark.parametrize('reinit', [True, False])
 def test_reinit_false_fine_tunes_the_source_weights(reinit, source_run, data_dir, tmp_path):
-    config = smoke('real_to_synth', 'num_frozen=4', data_dir,
+    config = smoke('real_to_synth', 'num_frozen=16', data_dir,
                    **{'transfer.init_from': str(source_run), 'transfer.reinit': reinit})
     train.run(config, str(tmp_path))
-    # A trainable block (>= N): 3 smoke steps barely move its weights, so fine-tuned it stays
-    # near the source and re-initialised it does not. (Not the head: the cosine classifier's
-    # gradient scales with 1 / |w| and its small init moves fast.)
+    # The last block (layer 16, trainable): 3 smoke steps barely move its weights, so fine-tuned
+    # it stays near the source and re-initialised it does not. (Not the head: the cosine
+    # classifier's gradient scales with 1 / |w| and its small init moves fast.)
     kernel = _variables(tmp_path)[0]['block15']['conv2']['kernel']
     source_kernel = _variables(source_run)[0]['block15']['conv2']['kernel']
     distance = np.linalg.norm(kernel - source_kernel) / np.linalg.norm(source_kernel)
@@ -149,35 +147,3 @@ def test_missing_dataset_names_the_folder(tmp_path):
     config.data.data_dir = str(tmp_path)
     with pytest.raises(FileNotFoundError, match='imagenet100_real'):
         train.run(config, str(tmp_path / 'run'))
-
-
-def test_sigkill_then_rerun_resumes(data_dir, tmp_path):
-    """Killed mid-training, the same command resumes from the last checkpoint and finishes."""
-    workdir = tmp_path / 'run'
-    cmd = [sys.executable, '-m', 'sdtl_jax.main', '--config=configs/baseline.py:smoke',
-           f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-           '--config.num_epochs=30', '--config.eval.every_epochs=100']
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    ckpt_dir = workdir / 'checkpoints'
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        # Finished checkpoints only: a save in flight is a '<step>.orbax-checkpoint-tmp' folder.
-        steps = ([int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()]
-                 if ckpt_dir.exists() else [])
-        if steps and max(steps) >= 6:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, 'the run ended before it could be killed: ' + proc.stderr.read()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (workdir / 'results.json').exists()
-
-    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    resumed = [line for line in rerun.stderr.splitlines() if 'Resumed' in line]
-    assert resumed, rerun.stderr[-3000:]
-    assert int(resumed[0].rsplit(' ', 1)[-1]) >= 6        # not started over
-    results = json.loads((workdir / 'results.json').read_text())
-    assert results['steps'] == 90
