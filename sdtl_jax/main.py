@@ -1,7 +1,8 @@
-r"""Runs one experiment: `python -m sdtl_jax.main --config=configs/X.py[:args] --workdir=DIR`.
+r"""One experiment or study: `python -m sdtl_jax.main --config=configs/X.py[:args] --workdir=DIR`.
 
 `--config.key=value` overrides any value; the config is locked, so a misspelt key is an error.
-Re-running the same command resumes from the workdir's latest checkpoint.
+Re-running the same command resumes from the workdir's latest checkpoint. A study config
+(`configs/study/*.py`) runs all its experiments, one sub-folder each, then writes its report.
 """
 
 import json
@@ -25,7 +26,13 @@ def main(argv):
     # Imported after flag parsing so `--help` stays fast and XLA flags from the environment apply.
     import jax
 
-    from sdtl_jax import metrics_io, train
+    from sdtl_jax import metrics_io, study, train
+
+    # Compiled programs persist across runs (a study compiles the same init and evaluation
+    # for each of its runs; a resumed run its whole step), unless the user chose a folder.
+    if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+        jax.config.update('jax_compilation_cache_dir', os.path.join(
+            os.path.expanduser('~'), '.cache', 'sdtl_jax', 'jax_cache'))
 
     # Multi-host (TPU pods, SLURM): the launcher sets SDTL_MULTIHOST=1; on a single host the
     # call would fail on CPU, so it is opt-in, as in big_vision. Where JAX cannot detect the
@@ -37,7 +44,10 @@ def main(argv):
         jax.distributed.initialize(**explicit)
     metrics_io.say(f'JAX {jax.__version__}: {jax.process_count()} process(es), '
                    f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
-    results = train.run(FLAGS.config, FLAGS.workdir)
+    if study.is_study(FLAGS.config):
+        results = study.run(FLAGS.config, FLAGS.workdir)
+    else:
+        results = train.run(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         print(json.dumps(results, indent=2, sort_keys=True))
 

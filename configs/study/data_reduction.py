@@ -1,0 +1,24 @@
+r"""The data-reduction study (Table 6, Figure 3): SDTL with N = 16 and R only, on real data
+reduced to 1/2^x, x = 0..7; the report fits top-1 = a log2(divisor) + b.
+
+  python -m sdtl_jax.main --config=configs/study/data_reduction.py --workdir=runs/reduction
+  python -m sdtl_jax.main --config=configs/study/data_reduction.py:demo --workdir=runs/reduce_demo
+
+`demo`: the embedded digits with x = 0..4 (1/32 of the digits' training set would not fill one
+batch of 64). The subsets are drawn once per fraction with the run's seed (`data.stratified`
+draws per class).
+"""
+from sdtl_jax import config_lib, study
+
+
+def get_config(arg=None):
+    arg = config_lib.parse_arg(arg, data='imagenet100', model='', demo=False, smoke=False)
+    c = config_lib.base(data=arg.data, model=arg.model or None, demo=arg.demo, smoke=arg.smoke)
+    study.add_study(c, 'data_reduction', dataset='digits' if arg.demo or arg.smoke else arg.data)
+    c.study.transfer_num_frozen = 16
+    c.study.fractions = tuple(1 / 2 ** x for x in range(8))
+    if arg.demo:
+        c.study.fractions = tuple(1 / 2 ** x for x in range(5))
+    if arg.smoke:
+        c.study.fractions = (1.0, 0.5)
+    return c

@@ -1,0 +1,209 @@
+"""A study: the paper's tables as one command, run in dependency order, resumable.
+
+A study config (`configs/study/*.py`) is an experiment config plus a `study` section. `expand`
+turns it into runs, each a plain experiment config with its own sub-folder of the study workdir:
+
+- layers (Tables 2-5): baselines `S` and `R`, then `SDTL_Nkk` (pre-trained on S, layers >= N
+  re-trained on real) and `RDTL_Nkk` (the other way) for each N of `study.num_frozen`;
+- data_reduction (Table 6): `S`, then `R_1ofD` and `SDTL_N16_1ofD` for real fractions 1/D;
+- augmentations (Table 1): `R_<pipeline>` and `S_<pipeline>` for each pipeline.
+
+The baselines double as the transfers' sources (one source model per direction, as in the
+paper), so a transfer run starts from `<workdir>/S` or `<workdir>/R` through
+`transfer.init_from` and never trains its own. Finished runs are reused (`train.run`), so
+re-running the command resumes the study where it stopped and then rewrites the report.
+`study.only` restricts an invocation to some runs: the sweep launcher hands each machine its
+share, stage by stage (`stages`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import ml_collections
+
+from sdtl_jax import config_lib, metrics_io, report
+from sdtl_jax.report import MANIFEST
+
+STUDIES = ('layers', 'data_reduction', 'augmentations')
+DOMAINS = {'real': 'R', 'synth': 'S'}
+# direction: (source domain, target domain, run-name prefix)
+DIRECTIONS = {'synth_to_real': ('synth', 'real', 'SDTL'),
+              'real_to_synth': ('real', 'synth', 'RDTL')}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One experiment of a study: its sub-folder name, config, and what it stands for."""
+    name: str
+    config: ml_collections.ConfigDict
+    kind: str                   # 'baseline' or 'transfer'
+    domain: str                 # what this run trains on: 'real' or 'synth'
+    source: str = ''            # the run whose layers [0, N) it takes over
+    direction: str = ''         # transfers: 'synth_to_real' or 'real_to_synth'
+
+    def describe(self) -> dict[str, Any]:
+        """The run's entry in study.json (what the report reads)."""
+        c = self.config
+        return {'name': self.name, 'kind': self.kind, 'domain': self.domain,
+                'direction': self.direction, 'source': self.source,
+                'num_frozen': c.transfer.num_frozen, 'train_fraction': c.data.train_fraction,
+                'aug': c.aug.name}
+
+
+def add_study(config: ml_collections.ConfigDict, name: str, dataset: str) -> None:
+    """Adds the `study` section every study config shares."""
+    if name not in STUDIES:
+        raise ValueError(f'Unknown study {name!r}; allowed: {STUDIES}')
+    config.study = ml_collections.ConfigDict()
+    config.study.name = name
+    config.study.dataset = dataset      # for the report: the paper's numbers beside ours
+    config.study.only = ''              # comma-separated run names; '' = every run
+    config.study.report = True          # write report.md and the figures when done
+
+
+def is_study(config: ml_collections.ConfigDict) -> bool:
+    return 'study' in config
+
+
+def _run_config(config: ml_collections.ConfigDict, *, train: str, num_frozen: int = 0,
+                fraction: float = 1.0, aug: str | None = None,
+                source_domain: str = '') -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(config.to_dict())
+    del c['study']
+    c.data.train = config.data[train]
+    c.data.train_fraction = float(fraction)
+    c.transfer.num_frozen = num_frozen
+    c.transfer.source_data = config.data[source_domain] if source_domain else ''
+    if aug is not None:
+        c.aug.name = aug
+    return c
+
+
+def _baseline(config, name, domain, **kw) -> Run:
+    return Run(name, _run_config(config, train=domain, **kw), 'baseline', domain)
+
+
+def _transfer(config, name, direction, source, num_frozen, **kw) -> Run:
+    source_domain, target, _ = DIRECTIONS[direction]
+    c = _run_config(config, train=target, num_frozen=num_frozen, source_domain=source_domain,
+                    **kw)
+    return Run(name, c, 'transfer', target, source=source, direction=direction)
+
+
+def _divisor(fraction: float) -> int:
+    return round(1 / fraction)
+
+
+def expand(config: ml_collections.ConfigDict) -> list[Run]:
+    """The study's runs, every source before the runs that start from it."""
+    s = config.study
+    if s.name == 'layers':
+        runs = [_baseline(config, 'S', 'synth'), _baseline(config, 'R', 'real')]
+        for direction in s.directions:
+            if direction not in DIRECTIONS:
+                raise ValueError(f'config.study.directions has {direction!r}; allowed: '
+                                 f'{list(DIRECTIONS)}')
+            source_domain, _, prefix = DIRECTIONS[direction]
+            runs += [_transfer(config, f'{prefix}_N{n:02d}', direction, DOMAINS[source_domain],
+                               n) for n in s.num_frozen]
+    elif s.name == 'data_reduction':
+        runs = [_baseline(config, 'S', 'synth')]
+        for f in s.fractions:
+            d = _divisor(f)
+            runs += [_baseline(config, f'R_1of{d}', 'real', fraction=f),
+                     _transfer(config, f'SDTL_N{s.transfer_num_frozen:02d}_1of{d}',
+                               'synth_to_real', 'S', s.transfer_num_frozen, fraction=f)]
+    elif s.name == 'augmentations':
+        runs = [_baseline(config, f'{DOMAINS[domain]}_{aug}', domain, aug=aug)
+                for domain in s.domains for aug in s.pipelines]
+    else:
+        raise ValueError(f'config.study.name={s.name!r}; allowed: {STUDIES}')
+    _check(config, runs)
+    return runs
+
+
+def _check(config: ml_collections.ConfigDict, runs: list[Run]) -> None:
+    """Every run's config is valid before the first one starts (no failure hours in)."""
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f'The study repeats runs: {sorted(n for n in names if names.count(n) > 1)}'
+                         ' (config.study lists a value twice)')
+    for r in runs:
+        probe = r.config.copy_and_resolve_references()
+        probe.transfer.init_from = r.source     # validate() wants a source for num_frozen > 0
+        config_lib.validate(probe, num_devices=1)
+    unknown = set(filter(None, (n.strip() for n in config.study.only.split(',')))) - set(names)
+    if unknown:
+        raise ValueError(f'config.study.only names unknown runs {sorted(unknown)}; this study '
+                         f'has {names}')
+
+
+def stages(runs: list[Run]) -> list[list[Run]]:
+    """Runs grouped so that each group depends only on earlier groups (for sweeps)."""
+    sources = {r.source for r in runs if r.source}
+    first = [r for r in runs if not r.source and r.name in sources]
+    second = [r for r in runs if r not in first]
+    return [g for g in (first, second) if g]
+
+
+def write_manifest(config: ml_collections.ConfigDict, runs: list[Run], workdir: str) -> None:
+    metrics_io.write_json(os.path.join(workdir, MANIFEST), {
+        'study': config.study.name, 'dataset': config.study.dataset,
+        'model': config.model.name, 'runs': [r.describe() for r in runs]})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, train_fn=None) -> dict[str, Any]:
+    """Runs the study's runs in order (skipping finished ones), then writes the report.
+
+    Returns {run name: results} for the runs this invocation covered.
+    """
+    is_main = True
+    if train_fn is None:
+        import jax  # imported only when something trains
+
+        from sdtl_jax import train
+        train_fn, is_main = train.run, jax.process_index() == 0
+    runs = expand(config)
+    only = {n.strip() for n in config.study.only.split(',') if n.strip()}
+    selected = [r for r in runs if not only or r.name in only]
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        write_manifest(config, runs, workdir)
+
+    def done(r):
+        return os.path.exists(os.path.join(workdir, r.name, 'results.json'))
+
+    results, spent, trained = {}, 0.0, 0
+    for i, r in enumerate(selected):
+        c = r.config
+        if r.source:
+            source_dir = os.path.join(workdir, r.source)
+            if not os.path.exists(os.path.join(source_dir, 'results.json')):
+                raise FileNotFoundError(
+                    f'Run {r.name} starts from {source_dir}, which has not finished; run '
+                    f'{r.source} first (sweeps: the stage before this one)')
+            c = c.copy_and_resolve_references()
+            c.transfer.init_from = source_dir
+        finished = done(r)
+        # ETA from the runs trained by this invocation; reused runs take no time.
+        eta = ''
+        if trained:
+            left = sum(not done(x) for x in selected[i:])
+            eta = f', about {_minutes(spent / trained * left)} left'
+        metrics_io.say(f'[{i + 1}/{len(selected)}] {config.study.name}: {r.name}'
+                       f'{" (finished before)" if finished else ""}{eta}')
+        t0 = time.time()
+        results[r.name] = train_fn(c, os.path.join(workdir, r.name))
+        if not finished:
+            spent, trained = spent + time.time() - t0, trained + 1
+    if config.study.report and is_main:
+        report.write_report(workdir)
+    return results
+
+
+def _minutes(seconds: float) -> str:
+    return f'{seconds / 60:.0f} min' if seconds >= 90 else f'{seconds:.0f} s'
