@@ -143,11 +143,10 @@ def _check(config: ml_collections.ConfigDict, runs: list[Run]) -> None:
 
 
 def stages(runs: list[Run]) -> list[list[Run]]:
-    """Runs grouped so that each group depends only on earlier groups (for sweeps)."""
-    sources = {r.source for r in runs if r.source}
-    first = [r for r in runs if not r.source and r.name in sources]
-    second = [r for r in runs if r not in first]
-    return [g for g in (first, second) if g]
+    """Runs grouped for sweeps: first every run that starts from scratch (the sources among
+    them), then the transfers, which need their source finished."""
+    groups = ([r for r in runs if not r.source], [r for r in runs if r.source])
+    return [g for g in groups if g]
 
 
 def write_manifest(config: ml_collections.ConfigDict, runs: list[Run], workdir: str) -> None:

@@ -76,6 +76,9 @@ def test_stages_put_sources_first():
     assert [r.name for r in first] == ['S', 'R'] and len(second) == 34
     aug = study.expand(load_config('augmentations'))
     assert len(study.stages(aug)) == 1          # nothing depends on anything
+    first, second = study.stages(study.expand(load_config('data_reduction')))
+    assert [r.name for r in first][:3] == ['S', 'R_1of1', 'R_1of2'] and len(first) == 9
+    assert all(r.source == 'S' for r in second) and len(second) == 8
 
 
 @pytest.mark.parametrize('key, value, match', [
