@@ -45,9 +45,9 @@ def main(argv):
     metrics_io.say(f'JAX {jax.__version__}: {jax.process_count()} process(es), '
                    f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
     if study.is_study(FLAGS.config):
-        results = study.run(FLAGS.config, FLAGS.workdir)
-    else:
-        results = train.run(FLAGS.config, FLAGS.workdir)
+        study.run(FLAGS.config, FLAGS.workdir)      # prints where its report went
+        return
+    results = train.run(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         print(json.dumps(results, indent=2, sort_keys=True))
 
