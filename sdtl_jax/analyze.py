@@ -38,7 +38,7 @@ import tqdm
 from absl import app, flags, logging
 
 from sdtl_jax import checkpointing, metrics_io, models
-from sdtl_jax.data import normalize, reader, sources, transforms
+from sdtl_jax.data import input_pipeline, normalize, reader, sources, transforms
 
 PROBES = ('logistic', 'ridge')
 STUDY_RUNS = ('S', 'R')        # study.py's baselines: A = synthetic only, B = real only
@@ -212,24 +212,11 @@ def sample_indices(num_examples: int, max_examples: int, seed: int) -> np.ndarra
     return np.sort(rng.choice(num_examples, size=max_examples, replace=False))
 
 
-class _Subset:
-    """Records `indices` of a random-access source."""
-
-    def __init__(self, source: Any, indices: np.ndarray):
-        self._source, self._indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def __getitem__(self, index: int) -> Any:
-        return self._source[int(self._indices[index])]
-
-
 def image_batches(split: sources.DatasetSplit, indices: np.ndarray, *, batch: int, resize: int,
                   crop: int, num_threads: int = 8) -> Iterator[dict[str, np.ndarray]]:
     """Records `indices` of `split`, evaluation-transformed (resize, centre crop), in batches
     of exactly `batch` (the last one padded, `mask` False): one compiled shape."""
-    source = _Subset(reader.RecordReader(split), indices)
+    source = input_pipeline.Subset(reader.RecordReader(split), indices)
     transform = reader.SkipCorruptMap(transforms.EvalTransform(resize=resize, crop=crop),
                                       skip=False, log_path=None)
     ds = grain.MapDataset.source(source).map(transform).to_iter_dataset(

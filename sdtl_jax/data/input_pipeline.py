@@ -61,8 +61,9 @@ def _per_process_batch(global_batch: int, process_count: int) -> int:
     return global_batch // process_count
 
 
-class _Subset:
-    """A fixed subset of a random-access source (the reduced real sets of Table 6)."""
+class Subset:
+    """A fixed subset of a random-access source (the reduced real sets of Table 6; the
+    images `analyze` samples)."""
 
     def __init__(self, source: Any, indices: Sequence[int]):
         self._source, self._indices = source, np.asarray(indices, np.int64)
@@ -75,9 +76,9 @@ class _Subset:
 
 
 def _training_source(split: sources.DatasetSplit,
-                     indices: Sequence[int] | None) -> reader.RecordReader | _Subset:
+                     indices: Sequence[int] | None) -> reader.RecordReader | Subset:
     source = reader.RecordReader(split)
-    return source if indices is None else _Subset(source, indices)
+    return source if indices is None else Subset(source, indices)
 
 
 def train_records(split: sources.DatasetSplit, *, global_batch: int, seed: int,
