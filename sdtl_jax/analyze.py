@@ -29,7 +29,6 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -38,7 +37,7 @@ import tqdm
 from absl import app, flags, logging
 
 from sdtl_jax import checkpointing, metrics_io, models
-from sdtl_jax.data import input_pipeline, normalize, reader, sources, transforms
+from sdtl_jax.data import input_pipeline, normalize, sources
 
 PROBES = ('logistic', 'ridge')
 STUDY_RUNS = ('S', 'R')        # study.py's baselines: A = synthetic only, B = real only
@@ -213,21 +212,11 @@ def sample_indices(num_examples: int, max_examples: int, seed: int) -> np.ndarra
 
 
 def image_batches(split: sources.DatasetSplit, indices: np.ndarray, *, batch: int, resize: int,
-                  crop: int, num_threads: int = 8) -> Iterator[dict[str, np.ndarray]]:
+                  crop: int) -> Iterator[dict[str, np.ndarray]]:
     """Records `indices` of `split`, evaluation-transformed (resize, centre crop), in batches
     of exactly `batch` (the last one padded, `mask` False): one compiled shape."""
-    source = input_pipeline.Subset(reader.RecordReader(split), indices)
-    transform = reader.SkipCorruptMap(transforms.EvalTransform(resize=resize, crop=crop),
-                                      skip=False, log_path=None)
-    ds = grain.MapDataset.source(source).map(transform).to_iter_dataset(
-        grain.ReadOptions(num_threads=num_threads,
-                          prefetch_buffer_size=max(2 * batch, num_threads)))
-    for b in ds.batch(batch):
-        n = len(b['label'])
-        out = {'image': np.zeros((batch, crop, crop, 3), np.uint8),
-               'label': np.zeros((batch,), np.int32), 'mask': np.arange(batch) < n}
-        out['image'][:n], out['label'][:n] = b['image'], b['label']
-        yield out
+    return input_pipeline.eval_batches(split, global_batch=batch, resize=resize, crop=crop,
+                                       indices=indices)
 
 
 def extract(runs: Sequence[Run], split: sources.DatasetSplit, indices: np.ndarray, *,

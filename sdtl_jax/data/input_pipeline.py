@@ -75,7 +75,7 @@ class Subset:
         return self._source[int(self._indices[index])]
 
 
-def _training_source(split: sources.DatasetSplit,
+def _records(split: sources.DatasetSplit,
                      indices: Sequence[int] | None) -> reader.RecordReader | Subset:
     source = reader.RecordReader(split)
     return source if indices is None else Subset(source, indices)
@@ -95,7 +95,7 @@ def train_records(split: sources.DatasetSplit, *, global_batch: int, seed: int,
     if not 0 <= process_index < process_count:
         raise ValueError(f'process_index={process_index} outside [0, {process_count})')
     _per_process_batch(global_batch, process_count)
-    source = _training_source(split, indices)
+    source = _records(split, indices)
     num_steps = steps_per_epoch(len(source), global_batch)
     if num_steps == 0:
         raise ValueError(f'{split.name}:{split.split} has {len(source)} examples, fewer than '
@@ -144,7 +144,7 @@ def train_dataset(split: sources.DatasetSplit, *, global_batch: int, seed: int,
     ds = train_records(split, global_batch=global_batch, seed=seed, process_index=process_index,
                        process_count=process_count, indices=indices)
     transform = reader.SkipCorrupt(augment.build(aug), skip=skip_corrupt, log_path=skip_log,
-                                   substitutes=_training_source(split, indices))
+                                   substitutes=_records(split, indices))
     ds = ds.random_map(transform, seed=_derive_seed(seed, _AUGMENT, process_index))
     # Batches are formed by stream position, before any thread or worker sees them: batch k
     # is elements [k b, (k + 1) b) whatever the thread and worker counts.
@@ -166,9 +166,10 @@ def num_eval_batches(num_examples: int, global_batch: int, process_count: int = 
 
 def eval_batches(split: sources.DatasetSplit, *, global_batch: int, resize: int, crop: int,
                  process_index: int = 0, process_count: int = 1, num_threads: int = 8,
-                 skip_corrupt: bool = False,
-                 skip_log: str | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Every image of `split` once (over all processes), in order, padded to full batches.
+                 skip_corrupt: bool = False, skip_log: str | None = None,
+                 indices: Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Every image of `split` (or its records `indices`) once over all processes, in order,
+    padded to full batches.
 
     Yields {'image': uint8[b, crop, crop, 3], 'label': int32[b], 'mask': bool[b]} with
     b = global_batch // process_count; padding has mask False, label 0 and a black image.
@@ -177,7 +178,7 @@ def eval_batches(split: sources.DatasetSplit, *, global_batch: int, resize: int,
     batch = _per_process_batch(global_batch, process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f'process_index={process_index} outside [0, {process_count})')
-    source = reader.RecordReader(split)
+    source = _records(split, indices)
     total = num_eval_batches(len(source), global_batch, process_count)
     ds = grain.MapDataset.source(source)[process_index::process_count]
     transform = reader.SkipCorruptMap(transforms.EvalTransform(resize=resize, crop=crop),
