@@ -76,7 +76,8 @@ class Subset:
 
 
 def _records(split: sources.DatasetSplit,
-                     indices: Sequence[int] | None) -> reader.RecordReader | Subset:
+             indices: Sequence[int] | None) -> reader.RecordReader | Subset:
+    """The split's records, or only its records `indices`."""
     source = reader.RecordReader(split)
     return source if indices is None else Subset(source, indices)
 
