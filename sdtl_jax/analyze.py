@@ -36,6 +36,7 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
+import sdtl_jax
 from sdtl_jax import checkpointing, metrics_io, models
 from sdtl_jax.data import input_pipeline, normalize, sources
 
@@ -459,9 +460,7 @@ def main(argv):
     if not FLAGS['verbosity'].present:
         # Orbax warns on every read-only checkpoint it opens; status lines come from here.
         logging.set_verbosity(logging.ERROR)
-    if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-        jax.config.update('jax_compilation_cache_dir', os.path.join(
-            os.path.expanduser('~'), '.cache', 'sdtl_jax', 'jax_cache'))
+    sdtl_jax.use_compilation_cache()
     try:
         a, b, out = resolve_runs(FLAGS.workdir, FLAGS.a, FLAGS.b, FLAGS.out)
         result = analyze(a, b, out, data_dir=FLAGS.data_dir, max_images=FLAGS.max_images,

@@ -26,13 +26,10 @@ def main(argv):
     # Imported after flag parsing so `--help` stays fast and XLA flags from the environment apply.
     import jax
 
+    import sdtl_jax
     from sdtl_jax import metrics_io, study, train
 
-    # Compiled programs persist across runs (a study compiles the same init and evaluation
-    # for each of its runs; a resumed run its whole step), unless the user chose a folder.
-    if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-        jax.config.update('jax_compilation_cache_dir', os.path.join(
-            os.path.expanduser('~'), '.cache', 'sdtl_jax', 'jax_cache'))
+    sdtl_jax.use_compilation_cache()
 
     # Multi-host (TPU pods, SLURM): the launcher sets SDTL_MULTIHOST=1; on a single host the
     # call would fail on CPU, so it is opt-in, as in big_vision. Where JAX cannot detect the

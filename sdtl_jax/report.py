@@ -203,8 +203,13 @@ def _layers_tables(runs, results, paper) -> list[str]:
     return lines
 
 
+def divisor(fraction: float) -> int:
+    """D of a real fraction 1/D (Table 6's x-axis; the data-reduction runs' names)."""
+    return round(1 / fraction)
+
+
 def _divisor(run: dict[str, Any]) -> int:
-    return round(1 / run['train_fraction'])
+    return divisor(run['train_fraction'])
 
 
 def _reduction_series(runs) -> dict[str, list[dict[str, Any]]]:

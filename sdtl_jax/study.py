@@ -94,10 +94,6 @@ def _transfer(config, name, direction, source, num_frozen, **kw) -> Run:
     return Run(name, c, 'transfer', target, source=source, direction=direction)
 
 
-def _divisor(fraction: float) -> int:
-    return round(1 / fraction)
-
-
 def expand(config: ml_collections.ConfigDict) -> list[Run]:
     """The study's runs, every source before the runs that start from it."""
     s = config.study
@@ -113,7 +109,7 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
     elif s.name == 'data_reduction':
         runs = [_baseline(config, 'S', 'synth')]
         for f in s.fractions:
-            d = _divisor(f)
+            d = report.divisor(f)
             runs += [_baseline(config, f'R_1of{d}', 'real', fraction=f),
                      _transfer(config, f'SDTL_N{s.transfer_num_frozen:02d}_1of{d}',
                                'synth_to_real', 'S', s.transfer_num_frozen, fraction=f)]
@@ -136,10 +132,15 @@ def _check(config: ml_collections.ConfigDict, runs: list[Run]) -> None:
         probe = r.config.copy_and_resolve_references()
         probe.transfer.init_from = r.source     # validate() wants a source for num_frozen > 0
         config_lib.validate(probe, num_devices=1)
-    unknown = set(filter(None, (n.strip() for n in config.study.only.split(',')))) - set(names)
+    unknown = _only(config) - set(names)
     if unknown:
         raise ValueError(f'config.study.only names unknown runs {sorted(unknown)}; this study '
                          f'has {names}')
+
+
+def _only(config: ml_collections.ConfigDict) -> set[str]:
+    """The run names of `study.only` (empty: every run)."""
+    return {n.strip() for n in config.study.only.split(',') if n.strip()}
 
 
 def stages(runs: list[Run]) -> list[list[Run]]:
@@ -167,31 +168,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_fn=None) -> di
         from sdtl_jax import train
         train_fn, is_main = train.run, jax.process_index() == 0
     runs = expand(config)
-    only = {n.strip() for n in config.study.only.split(',') if n.strip()}
+    only = _only(config)
     selected = [r for r in runs if not only or r.name in only]
     if is_main:
         os.makedirs(workdir, exist_ok=True)
         write_manifest(config, runs, workdir)
 
-    def done(r):
-        return os.path.exists(os.path.join(workdir, r.name, 'results.json'))
+    def done(name):
+        return os.path.exists(os.path.join(workdir, name, 'results.json'))
 
     results, spent, trained = {}, 0.0, 0
     for i, r in enumerate(selected):
         c = r.config
         if r.source:
             source_dir = os.path.join(workdir, r.source)
-            if not os.path.exists(os.path.join(source_dir, 'results.json')):
+            if not done(r.source):
                 raise FileNotFoundError(
                     f'Run {r.name} starts from {source_dir}, which has not finished; run '
                     f'{r.source} first (sweeps: the stage before this one)')
             c = c.copy_and_resolve_references()
             c.transfer.init_from = source_dir
-        finished = done(r)
+        finished = done(r.name)
         # ETA from the runs trained by this invocation; reused runs take no time.
         eta = ''
         if trained:
-            left = sum(not done(x) for x in selected[i:])
+            left = sum(not done(x.name) for x in selected[i:])
             eta = f', about {_minutes(spent / trained * left)} left'
         metrics_io.say(f'[{i + 1}/{len(selected)}] {config.study.name}: {r.name}'
                        f'{" (finished before)" if finished else ""}{eta}')
