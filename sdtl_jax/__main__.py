@@ -3,4 +3,4 @@ from absl import app
 
 from sdtl_jax import main
 
-app.run(main.main)
+app.run(main.main, flags_parser=main.parse_flags)

@@ -7,6 +7,8 @@ Re-running the same command resumes from the workdir's latest checkpoint. A stud
 
 import json
 import os
+import re
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,7 +29,7 @@ def main(argv):
     import jax
 
     import sdtl_jax
-    from sdtl_jax import metrics_io, study, train
+    from sdtl_jax import config_lib, metrics_io, study, train
 
     sdtl_jax.use_compilation_cache()
 
@@ -41,7 +43,19 @@ def main(argv):
         jax.distributed.initialize(**explicit)
     metrics_io.say(f'JAX {jax.__version__}: {jax.process_count()} process(es), '
                    f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
-    if study.is_study(FLAGS.config):
+    # Config errors as one line, before any data is read or program compiled: train.run would
+    # otherwise train a transfer's source stage before checking the target stage's config.
+    is_study = study.is_study(FLAGS.config)
+    try:
+        if is_study:
+            study.expand(FLAGS.config, num_devices=jax.device_count(),     # checks every run
+                         num_processes=jax.process_count())
+        else:
+            config_lib.validate(FLAGS.config, num_devices=jax.device_count(),
+                                num_processes=jax.process_count())
+    except ValueError as e:
+        sys.exit(f'FATAL config error: {e}')
+    if is_study:
         study.run(FLAGS.config, FLAGS.workdir)      # prints where its report went
         return
     results = train.run(FLAGS.config, FLAGS.workdir)
@@ -49,5 +63,27 @@ def main(argv):
         print(json.dumps(results, indent=2, sort_keys=True))
 
 
+def parse_flags(argv):
+    """absl's flag parsing, but a `--config.key` that the config lacks is one line naming the
+    closest key and the section's keys: ml_collections raises a bare KeyError or AttributeError
+    from inside absl's parser, which absl shows as a long traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError):
+        path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+        if path is None:
+            raise
+        # Imported here: it imports JAX, which `--help` should not wait for.
+        from sdtl_jax import config_lib
+
+        config = FLAGS['config'].parser.parse(path)     # the config file without overrides
+        try:
+            config_lib.check_overrides(config, [m[1] for a in argv if (
+                m := re.match(r'--?(?:no)?config\.([^=]+)', a))])
+        except ValueError as e:
+            sys.exit(f'FATAL Flags parsing error: {e}')
+        raise
+
+
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,12 +1,16 @@
 """Configs load, validate, and reject bad values with the key named."""
 import importlib.util
 import pathlib
+import subprocess
+import sys
 
+import ml_collections
 import pytest
 
 from sdtl_jax import config_lib
 
-CONFIGS = sorted(pathlib.Path(__file__).parent.parent.glob('configs/*.py'))
+ROOT = pathlib.Path(__file__).parent.parent
+CONFIGS = sorted(ROOT.glob('configs/*.py'))
 
 
 def load(path, arg=None):
@@ -64,30 +68,171 @@ def test_bad_arguments_name_the_key(arg, message):
         load(pathlib.Path('configs/real_to_synth.py'), arg)
 
 
-@pytest.mark.parametrize('key, value, message', [
-    ('transfer.num_frozen', 19, 'transfer.num_frozen'),
-    ('transfer.num_frozen', -1, 'transfer.num_frozen'),
-    ('transfer.frozen_bn', 'train', 'transfer.frozen_bn'),
-    ('global_batch', 12, 'global_batch'),
-    ('dtype', 'float16', 'dtype'),
-    ('data.train_fraction', 0.0, r'data.train_fraction=0.0 is invalid; allowed: \(0, 1\]'),
-    ('data.train_fraction', 1.5, 'data.train_fraction'),
-    ('aug.name', 'randaugment', "aug.name='randaugment' is invalid; allowed: .*'augmix'"),
-    ('data.num_workers', -2, 'data.num_workers'),
+def with_values(config, **values):
+    """`config` with dotted keys set, through a plain dict (as a study builds its runs' configs),
+    so any type gets through to `validate`."""
+    d = config.to_dict()
+    for key, value in values.items():
+        *sections, name = key.split('.')
+        node = d
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    return ml_collections.ConfigDict(d)
+
+
+def paper_baseline(key, value):
+    return with_values(load(ROOT / 'configs/baseline.py'), **{key: value})
+
+
+PEAK_LR = 0.1 * 64 / 256
+
+
+@pytest.mark.parametrize('key, value, allowed', [
+    # Types: ml_collections lets a bool through for an int; a study's configs and tests build
+    # ConfigDicts from plain dicts, which keep no types at all.
+    ('global_batch', '64', 'int'),
+    ('global_batch', 64.0, 'int'),
+    ('global_batch', None, 'int'),
+    ('num_epochs', True, 'int'),
+    ('optim.base_lr', True, 'float'),
+    ('data.stratified', 1, 'bool'),
+    ('dtype', 16, 'str'),
+    ('aug.global_scale', ('abc',), 'a tuple of floats'),
+    ('data.max_train_examples', 2.5, 'int or None'),
+    ('model.width', '8', 'int'),
+    ('model.stage_sizes', (3.0, 4, 6, 3), 'a tuple of ints'),
+    ('optim', 0.1, "a section with keys ['base_lr', 'end_lr', 'momentum', 'weight_decay']"),
+    # Values.
+    ('seed', -1, '>= 0'),
+    ('model.name', 'vgg', "['resnet50', 'tinyvit_5m']"),
+    ('dtype', 'float16', "['auto', 'float32', 'bfloat16']"),
+    ('data.eval', 'cifar10', "['digits_real', 'digits_synth', 'imagenet100_real'"),
+    ('data.train', 'pets_real',
+     "['imagenet100_real', 'imagenet100_synth'] (the labels of data.eval='imagenet100_real')"),
+    ('data.real', 'imagenet100_synth', "['imagenet100_real'] (the labels of data.eval="),
+    ('data.synth', 'imagenet100_real', "['imagenet100_synth'] (the labels of data.eval="),
+    ('transfer.source_data', 'pets_synth', "['', 'imagenet100_real', 'imagenet100_synth']"),
+    ('data.train_fraction', 0.0, '(0, 1]'),
+    ('data.train_fraction', 1.5, '(0, 1]'),
+    ('data.max_train_examples', 0, 'None (all) or >= 1'),
+    ('data.num_workers', -2, '-1 (one per core), 0 or more'),
+    ('data.num_threads', 0, '>= 1'),
+    ('aug.name', 'randaugment', "['none', 'pytorch', 'autoaugment', 'augmix', 'pixmix', "
+                                "'multicrop']"),
+    ('aug.global_size', 0, '>= 1 (pixels)'),
+    ('aug.local_size', -96, '>= 1 (pixels)'),
+    ('aug.num_global', 0, '>= 1'),
+    ('aug.num_local', -1, '>= 0'),
+    ('aug.global_scale', (0.5, 0.25), '(low, high) with 0 < low <= high <= 1'),
+    ('aug.global_scale', (0.0, 1.0), '(low, high) with 0 < low <= high <= 1'),
+    ('aug.local_scale', (0.05, 0.25, 0.5), '(low, high) with 0 < low <= high <= 1'),
+    ('aug.local_scale', (0.05, 1.5), '(low, high) with 0 < low <= high <= 1'),
+    ('eval.resize', 0, '>= 1 (pixels)'),
+    ('eval.crop', 300, '1..eval.resize (256)'),
+    ('eval.crop', 0, '1..eval.resize (256)'),
+    ('global_batch', 12, 'a positive multiple of the device count (8) and process count (1)'),
+    ('global_batch', 0, 'a positive multiple of the device count (8)'),
+    ('eval.global_batch', 100, 'a positive multiple of the device count (8)'),
+    ('num_epochs', 0, '>= 1'),
+    ('warmup_epochs', -1, '0..num_epochs (100)'),
+    ('warmup_epochs', 101, '0..num_epochs (100)'),
+    ('eval.every_epochs', 0, '>= 1'),
+    ('eval.last_epochs', 0, '1..num_epochs (100)'),
+    ('eval.last_epochs', 101, '1..num_epochs (100)'),
+    ('checkpoint.every_epochs', 0, '>= 1'),
+    ('checkpoint.keep', 0, '>= 1'),
+    ('log_every_steps', 0, '>= 1'),
+    ('optim.base_lr', 0.0, '> 0'),
+    ('optim.base_lr', float('inf'), '> 0'),
+    ('optim.end_lr', -1e-6, f'0..the peak LR, optim.base_lr * global_batch / 256 = {PEAK_LR}'),
+    ('optim.end_lr', 1.0, f'0..the peak LR, optim.base_lr * global_batch / 256 = {PEAK_LR}'),
+    ('optim.momentum', 1.0, '[0, 1)'),
+    ('optim.weight_decay', -1e-4, '>= 0'),
+    ('transfer.num_frozen', 19, '0..18'),
+    ('transfer.num_frozen', -1, '0..18'),
+    ('transfer.num_frozen', 4, '0 when there is no transfer.source_data or transfer.init_from'),
+    ('transfer.frozen_bn', 'train', "['inference', 'adapt']"),
 ])
-def test_validate_rejects_out_of_range_values(key, value, message):
-    c = load(pathlib.Path('configs/real_to_synth.py'))
+def test_validate_names_key_value_and_allowed(key, value, allowed):
+    with pytest.raises(ValueError) as e:
+        config_lib.validate(paper_baseline(key, value), num_devices=8)
+    assert str(e.value).startswith(f'config.{key}={value!r} is invalid; allowed: {allowed}')
+
+
+def test_validate_accepts_boundaries_and_equivalent_types():
+    c = with_values(load(ROOT / 'configs/real_to_synth.py'), **{
+        'optim.base_lr': 1,                       # an int where a float is expected
+        'aug.global_scale': [0.5, 1.0],           # a list (from JSON) where a tuple is
+        'aug.local_scale': (1.0, 1.0),
+        'data.max_train_examples': 24,            # a number where base() has None
+        'data.train_fraction': 1.0, 'warmup_epochs': 100, 'eval.last_epochs': 100,
+        'optim.end_lr': 0.0, 'optim.momentum': 0.0, 'optim.weight_decay': 0.0,
+        'transfer.num_frozen': 18, 'seed': 0, 'aug.num_local': 0, 'eval.crop': 256,
+    })
+    config_lib.validate(c, num_devices=64, num_processes=8)
+
+
+def test_model_values_are_checked_by_the_model():
+    with pytest.raises(ValueError) as e:
+        config_lib.validate(paper_baseline('model.stage_sizes', (3, 4, 6, 4)), num_devices=1)
+    assert str(e.value).startswith("config.model={'name': 'resnet50', 'stage_sizes': (3, 4, 6, 4)}"
+                                   ' is invalid: stage_sizes must sum to 16')
+
+
+OPTIM_KEYS = "['base_lr', 'end_lr', 'momentum', 'weight_decay']"
+
+
+@pytest.mark.parametrize('key, message', [
+    ('optim.lrr', f'config.optim.lrr is not a config key; allowed in config.optim: {OPTIM_KEYS}'),
+    ('optim.momentun', 'config.optim.momentun is not a config key; did you mean '
+                       f'config.optim.momentum? allowed in config.optim: {OPTIM_KEYS}'),
+    ('num_epoch', 'config.num_epoch is not a config key; did you mean config.num_epochs? '
+                  "allowed in config: ['aug', 'checkpoint', 'data', 'dtype', 'eval', "),
+    ('model.widht', 'config.model.widht is not a config key; did you mean config.model.width? '
+                    "allowed in config.model: ['name', 'stage_sizes', 'tau', 'width']"),
+])
+def test_unknown_keys_in_a_config_file_are_rejected(key, message):
+    c = load(ROOT / 'configs/baseline.py', 'demo')
     section, _, name = key.rpartition('.')
-    (c[section] if section else c)[name] = value
-    with pytest.raises(ValueError, match=message):
-        config_lib.validate(c, num_devices=8)
-
-
-def test_frozen_layers_need_a_source():
-    c = load(pathlib.Path('configs/baseline.py'))
-    c.transfer.num_frozen = 4
-    with pytest.raises(ValueError, match='transfer.num_frozen'):
+    (c[section] if section else c)[name] = 1      # base() returns an unlocked ConfigDict
+    with pytest.raises(ValueError) as e:
         config_lib.validate(c, num_devices=1)
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize('key, message', [
+    ('optim.lrr', f'config.optim.lrr is not a config key; allowed in config.optim: {OPTIM_KEYS}'),
+    ('optimm.base_lr', 'config.optimm is not a config key; did you mean config.optim? '),
+    ('seed.x', 'config.seed.x is not a config key; allowed in config.seed: none, it holds a '
+               'value'),
+])
+def test_unknown_command_line_keys_are_named(key, message):
+    c = load(ROOT / 'configs/baseline.py', 'demo')
+    config_lib.check_overrides(c, ['optim.base_lr', 'model.width'])    # known keys pass
+    with pytest.raises(ValueError) as e:
+        config_lib.check_overrides(c, ['optim.base_lr', key])
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize('override, message', [
+    # Flag parsing: ml_collections' own error would be a long KeyError traceback.
+    ('--config.optim.momentun=0.5', 'FATAL Flags parsing error: config.optim.momentun is not a '
+                                    'config key; did you mean config.optim.momentum?'),
+    # The transfer's source stage resets the fraction: without the check in main it would build
+    # the data and train before the target stage's config was looked at.
+    ('--config.data.train_fraction=1.5', 'FATAL config error: config.data.train_fraction=1.5 is '
+                                         'invalid; allowed: (0, 1]'),
+], ids=['unknown_key', 'bad_value'])
+def test_command_line_config_errors_are_one_line_before_any_data(override, message, tmp_path):
+    data_dir, workdir = tmp_path / 'data', tmp_path / 'run'
+    result = subprocess.run(
+        [sys.executable, '-m', 'sdtl_jax.main', '--config=configs/real_to_synth.py:smoke',
+         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', override],
+        cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert not data_dir.exists() and not workdir.exists()
 
 
 def test_steps_drop_the_last_partial_batch():
