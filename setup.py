@@ -26,7 +26,13 @@ CORE = [
 GENERATE = ['torch>=2.13', 'diffusers>=0.42', 'transformers>=5.0', 'accelerate>=1.0']
 # import_tfds reads TFDS datasets prepared as array_record; no TensorFlow needed.
 TFDS = ['tensorflow-datasets>=4.9.9', 'importlib_resources>=6.0']
-TEST = ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6']
+# gs:// workdirs (sdtl_jax/fileio.py); Orbax and tensorboardX bring their own GCS clients.
+GCS = ['gcsfs>=2024.6']
+# tests/test_gcs.py runs a gs:// workdir against a local GCS emulator.
+TEST = ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6', 'gcp-storage-emulator>=2026.7', *GCS]
+# The PyTorch reference models (sdtl_jax/torch_reference.py): fidelity fixtures and the
+# benchmark's reference step only; tests read committed fixtures instead.
+REFERENCE = ['torch>=2.13', 'torchvision==0.28.0', 'timm>=1.0']
 
 setuptools.setup(
     name='sdtl_jax',
@@ -39,8 +45,10 @@ setuptools.setup(
     extras_require={
         'generate': GENERATE,
         'test': TEST,
+        'reference': REFERENCE,
         'tfds': TFDS,
-        'tpu': ['jax[tpu]>=0.10'],
+        'gcs': GCS,
+        'tpu': ['jax[tpu]>=0.10', *GCS],
         'gpu': ['jax[cuda12]>=0.10'],
     },
 )

@@ -18,9 +18,8 @@ all hosts in parallel (`--ssh` HOST for `--hosts`; `gcloud compute tpus tpu-vm s
 next stage starts once every host has finished; a failed host stops the sweep with its name and
 runs. Finally `python -m sdtl_jax.report --workdir=WORKDIR` writes the report here.
 
-WORKDIR must be storage that every host and this machine see, the same path everywhere (an
-absolute path on a shared filesystem, e.g. a gcsfuse mount; docs/launch.md says why not a bare
-gs:// path yet): the transfers of stage 2 read the
+WORKDIR must be storage that every host and this machine see, the same path everywhere
+(gs://BUCKET/..., or an absolute path on a shared filesystem): the transfers of stage 2 read the
 baselines of stage 1 from it, and the report reads every run. Each host must hold this
 repository at REPO (same commit) with its .venv (`bash scripts/setup.sh`; launch/tpu_pod.sh
 leaves one at ~/sdtl_jax). A config path inside this checkout is passed relative to its root.

@@ -37,7 +37,7 @@ import tqdm
 from absl import app, flags, logging
 
 import sdtl_jax
-from sdtl_jax import checkpointing, metrics_io, models
+from sdtl_jax import checkpointing, fileio, metrics_io, models
 from sdtl_jax.data import input_pipeline, normalize, sources
 
 PROBES = ('logistic', 'ridge')
@@ -128,14 +128,14 @@ def resolve_runs(workdir: str | None, a: str | None, b: str | None,
 def check_run(workdir: str) -> dict[str, Any]:
     """Checks that `workdir` holds a finished run (config.json, results.json, checkpoints/);
     returns its results.json. Raises AnalysisError naming the path."""
-    if not os.path.isdir(workdir):
+    if not fileio.isdir(workdir):
         raise AnalysisError(f'Run {workdir} does not exist (expected a run workdir written by '
                             'python -m sdtl_jax.main)')
     for name, what in (('config.json', 'is not a run workdir'),
                        ('results.json', 'is unfinished (re-run its command to finish it)')):
-        if not os.path.isfile(os.path.join(workdir, name)):
+        if not fileio.exists(os.path.join(workdir, name)):
             raise AnalysisError(f'Run {workdir} {what}: no {name} in it')
-    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    if not fileio.isdir(os.path.join(workdir, 'checkpoints')):
         raise AnalysisError(f'Run {workdir} has no checkpoints/ folder')
     return metrics_io.read_json(os.path.join(workdir, 'results.json'))
 
@@ -315,7 +315,7 @@ def analyze(a: str, b: str, out: str, *, data_dir: str | None = None, max_images
             layer['probe_top1_a'] = layer['probe_top1_b'] = None
 
     def describe(run: Run) -> dict[str, Any]:
-        return {'label': run.label, 'workdir': os.path.abspath(run.workdir),
+        return {'label': run.label, 'workdir': fileio.absolute(run.workdir),
                 'model': run.config.model.name, 'train_data': run.config.data.train,
                 'top1_mean': run.results.get('top1_mean')}
 
@@ -406,15 +406,14 @@ def _plot(result: dict[str, Any], path: str, series: Sequence[tuple[str, str, st
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize='small')
-    fig.savefig(path, dpi=120)
+    fileio.save_figure(fig, path, dpi=120)
 
 
 def write_outputs(result: dict[str, Any], out: str) -> None:
     """analysis.json, analysis.md, cka.png, probe.png into `out`."""
-    os.makedirs(out, exist_ok=True)
+    fileio.makedirs(out)
     metrics_io.write_json(os.path.join(out, 'analysis.json'), result)
-    with open(os.path.join(out, 'analysis.md'), 'w') as f:
-        f.write(markdown(result))
+    fileio.write_text(os.path.join(out, 'analysis.md'), markdown(result))
     a, b = result['a']['label'], result['b']['label']
     where = f"{result['a']['model']}, {result['num_images']:,} images of {result['eval_data']}"
     _plot(result, os.path.join(out, 'cka.png'), [('cka', f'CKA({a}, {b})', 'tab:purple')],

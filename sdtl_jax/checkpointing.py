@@ -13,14 +13,14 @@ from typing import Any, Sequence
 import grain
 import orbax.checkpoint as ocp
 
-from sdtl_jax import freeze
+from sdtl_jax import fileio, freeze
 
 
 class Checkpointer:
     """A CheckpointManager bound to one run's `checkpoints/` directory."""
 
     def __init__(self, directory: str, *, keep: int = 3):
-        self.directory = os.path.abspath(directory)
+        self.directory = fileio.absolute(directory)   # Orbax wants absolute paths or URLs
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -57,13 +57,13 @@ class Checkpointer:
 def checkpoints_dir(path: str) -> str:
     """Accepts a run workdir or its `checkpoints/` folder (`transfer.init_from`)."""
     candidate = os.path.join(path, 'checkpoints')
-    return candidate if os.path.isdir(candidate) else path
+    return candidate if fileio.isdir(candidate) else path
 
 
 def load_variables(path: str) -> tuple[dict, dict, int]:
     """Reads params and batch_stats of the latest checkpoint under `path`, as NumPy trees."""
-    directory = os.path.abspath(checkpoints_dir(path))   # Orbax wants absolute paths
-    if not os.path.isdir(directory):
+    directory = fileio.absolute(checkpoints_dir(path))
+    if not fileio.isdir(directory):
         raise FileNotFoundError(
             f'No checkpoint directory at {path!r}: transfer.init_from must name a run workdir '
             'or its checkpoints/ folder')

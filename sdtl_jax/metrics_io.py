@@ -1,7 +1,8 @@
 """What a run writes into its workdir: config.json, metrics.jsonl, TensorBoard, results.json.
 
 Only process 0 writes (STYLE.md section 7); every other process gets a writer that does
-nothing, so the training loop has no `if process_index == 0` branches.
+nothing, so the training loop has no `if process_index == 0` branches. The workdir may be a
+local folder or a gs:// URL (`fileio`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any, Sequence
 
 import tqdm
 
+from sdtl_jax import fileio
+
 
 class Writer:
     """Appends one JSON line per evaluation to metrics.jsonl and mirrors scalars to TensorBoard."""
@@ -23,8 +26,9 @@ class Writer:
         self.enabled = enabled
         self._tb = None
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            # Imported here: tensorboardX pulls in protobuf, only process 0 needs it.
+            fileio.makedirs(workdir)
+            # Imported here: tensorboardX pulls in protobuf, only process 0 needs it. It
+            # writes gs:// itself (google-cloud-storage), re-uploading its file at each flush.
             import tensorboardX
             self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
@@ -39,8 +43,8 @@ class Writer:
             if isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, step)
         if jsonl:
-            with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps({'step': step, **values}) + '\n')
+            fileio.append_text(os.path.join(self.workdir, 'metrics.jsonl'),
+                               json.dumps({'step': step, **values}) + '\n')
 
     def close(self) -> None:
         if self._tb is not None:
@@ -50,14 +54,13 @@ class Writer:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """Evaluation records of metrics.jsonl, one per epoch; a resumed run's repeats keep the last."""
     path = os.path.join(workdir, 'metrics.jsonl')
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         return []
     by_epoch = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                by_epoch[record['epoch']] = record
+    for line in fileio.read_text(path).splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_epoch[record['epoch']] = record
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -76,17 +79,12 @@ def summarize(records: Sequence[dict[str, Any]], last_epochs: int) -> dict[str, 
 
 
 def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(fileio.read_text(path))
 
 
 def write_json(path: str, value: Any) -> None:
     """Writes atomically, so a reader never sees half a file."""
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write('\n')
-    os.replace(tmp, path)
+    fileio.write_text(path, json.dumps(value, indent=2, sort_keys=True) + '\n')
 
 
 def progress(total: int, initial: int, desc: str, *, enabled: bool):

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from matplotlib import figure
 
-from sdtl_jax import metrics_io
+from sdtl_jax import fileio, metrics_io
 from sdtl_jax.data import sources
 
 MANIFEST = 'study.json'
@@ -68,7 +68,7 @@ def fit_log2(divisors: Sequence[float], top1: Sequence[float]) -> tuple[float, f
 def load_study(workdir: str) -> tuple[dict[str, Any], dict[str, dict[str, Any] | None]]:
     """study.json, and each run's results.json by run name (None while the run is pending)."""
     path = os.path.join(workdir, MANIFEST)
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise NotAStudyError(
             f'{workdir} is not a study workdir: no {MANIFEST}; run `python -m sdtl_jax.main '
             f'--config=configs/study/layers.py:demo --workdir={workdir}` first')
@@ -77,7 +77,7 @@ def load_study(workdir: str) -> tuple[dict[str, Any], dict[str, dict[str, Any] |
     for run in study['runs']:
         run_results = os.path.join(workdir, run['name'], 'results.json')
         results[run['name']] = (metrics_io.read_json(run_results)
-                                if os.path.exists(run_results) else None)
+                                if fileio.exists(run_results) else None)
     return study, results
 
 
@@ -115,8 +115,7 @@ def write_report(workdir: str) -> dict[str, Any]:
     lines = _header(study, results, bool(paper)) + sections
     lines += ['', f'![{kind}]({FIGURES[kind]})', '']
     report_path = os.path.join(workdir, REPORT)
-    with open(report_path, 'w') as f:
-        f.write('\n'.join(lines))
+    fileio.write_text(report_path, '\n'.join(lines))
     # print, not metrics_io.say: say initializes JAX's backend, which would grab the
     # accelerator of a host where the study is still training.
     for series, (a, b) in fits.items():
@@ -335,7 +334,7 @@ def _plot_layers(study, results, paper, path: str) -> None:
     ax.xaxis.get_major_locator().set_params(integer=True)
     _finish(ax, f'Top-1 against layers frozen: {_suffix(study, paper)}',
             'N, layers frozen (layers 0 .. N-1 taken over from the source model)')
-    fig.savefig(path, dpi=120)
+    fileio.save_figure(fig, path, dpi=120)
 
 
 def _plot_data_reduction(study, results, paper, fits, path: str) -> None:
@@ -366,7 +365,7 @@ def _plot_data_reduction(study, results, paper, fits, path: str) -> None:
     _finish(axes[1], 'Top-1 against the real-data divisor',
             'divisor x: 1/x of the real training data (log2 axis)')
     fig.suptitle(f'Data reduction: {_suffix(study, paper)}')
-    fig.savefig(path, dpi=120)
+    fileio.save_figure(fig, path, dpi=120)
 
 
 def _plot_augmentations(study, results, paper, path: str) -> None:
@@ -394,7 +393,7 @@ def _plot_augmentations(study, results, paper, path: str) -> None:
     ax.set_xticks(range(len(augs)), [AUG_NAMES.get(a) or 'none' for a in augs])
     _finish(ax, f'Top-1 per augmentation pipeline: {study["dataset"]}, {study["model"]}',
             'augmentation pipeline (training data: R real, S synthetic)')
-    fig.savefig(path, dpi=120)
+    fileio.save_figure(fig, path, dpi=120)
 
 
 def main(argv):

@@ -25,7 +25,7 @@ from typing import Any
 
 import ml_collections
 
-from sdtl_jax import config_lib, metrics_io, report
+from sdtl_jax import config_lib, fileio, metrics_io, report
 from sdtl_jax.report import MANIFEST
 
 STUDIES = ('layers', 'data_reduction', 'augmentations')
@@ -94,8 +94,10 @@ def _transfer(config, name, direction, source, num_frozen, **kw) -> Run:
     return Run(name, c, 'transfer', target, source=source, direction=direction)
 
 
-def expand(config: ml_collections.ConfigDict) -> list[Run]:
-    """The study's runs, every source before the runs that start from it."""
+def expand(config: ml_collections.ConfigDict, *, num_devices: int = 1,
+           num_processes: int = 1) -> list[Run]:
+    """The study's runs, every source before the runs that start from it, each run's config
+    validated for `num_devices` devices over `num_processes` processes."""
     s = config.study
     if s.name == 'layers':
         runs = [_baseline(config, 'S', 'synth'), _baseline(config, 'R', 'real')]
@@ -114,15 +116,20 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
                      _transfer(config, f'SDTL_N{s.transfer_num_frozen:02d}_1of{d}',
                                'synth_to_real', 'S', s.transfer_num_frozen, fraction=f)]
     elif s.name == 'augmentations':
+        for domain in s.domains:
+            if domain not in DOMAINS:
+                raise ValueError(f'config.study.domains has {domain!r}; allowed: '
+                                 f'{list(DOMAINS)}')
         runs = [_baseline(config, f'{DOMAINS[domain]}_{aug}', domain, aug=aug)
                 for domain in s.domains for aug in s.pipelines]
     else:
         raise ValueError(f'config.study.name={s.name!r}; allowed: {STUDIES}')
-    _check(config, runs)
+    _check(config, runs, num_devices=num_devices, num_processes=num_processes)
     return runs
 
 
-def _check(config: ml_collections.ConfigDict, runs: list[Run]) -> None:
+def _check(config: ml_collections.ConfigDict, runs: list[Run], *, num_devices: int,
+           num_processes: int) -> None:
     """Every run's config is valid before the first one starts (no failure hours in)."""
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
@@ -131,7 +138,7 @@ def _check(config: ml_collections.ConfigDict, runs: list[Run]) -> None:
     for r in runs:
         probe = r.config.copy_and_resolve_references()
         probe.transfer.init_from = r.source     # validate() wants a source for num_frozen > 0
-        config_lib.validate(probe, num_devices=1)
+        config_lib.validate(probe, num_devices=num_devices, num_processes=num_processes)
     unknown = _only(config) - set(names)
     if unknown:
         raise ValueError(f'config.study.only names unknown runs {sorted(unknown)}; this study '
@@ -161,21 +168,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_fn=None) -> di
 
     Returns {run name: results} for the runs this invocation covered.
     """
-    is_main = True
+    is_main, devices = True, {}
     if train_fn is None:
         import jax  # imported only when something trains
 
         from sdtl_jax import train
         train_fn, is_main = train.run, jax.process_index() == 0
-    runs = expand(config)
+        devices = dict(num_devices=jax.device_count(), num_processes=jax.process_count())
+    runs = expand(config, **devices)
     only = _only(config)
     selected = [r for r in runs if not only or r.name in only]
+    fileio.check_supported(workdir)
     if is_main:
-        os.makedirs(workdir, exist_ok=True)
+        fileio.makedirs(workdir)
         write_manifest(config, runs, workdir)
 
     def done(name):
-        return os.path.exists(os.path.join(workdir, name, 'results.json'))
+        return fileio.exists(os.path.join(workdir, name, 'results.json'))
 
     results, spent, trained = {}, 0.0, 0
     for i, r in enumerate(selected):

@@ -20,7 +20,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from sdtl_jax import checkpointing, config_lib, evaluate, metrics_io, models, optim, sharding
+from sdtl_jax import (
+    checkpointing,
+    config_lib,
+    evaluate,
+    fileio,
+    metrics_io,
+    models,
+    optim,
+    sharding,
+)
 from sdtl_jax.data import input_pipeline, normalize, photometric, reader, sources, subsets
 
 
@@ -100,6 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     is_main = jax.process_index() == 0
     config_lib.validate(config, num_devices=jax.device_count(),
                         num_processes=jax.process_count())
+    fileio.check_supported(workdir)
     mesh = sharding.make_mesh()
     data_dir = config.data.data_dir or sources.default_data_dir()
     train_split = sources.resolve(config.data.train, data_dir, config.data.train_split)
@@ -124,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     results_path = os.path.join(workdir, 'results.json')
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                       keep=config.checkpoint.keep)
-    if os.path.exists(results_path) and ckpt.latest_step() == steps.total:
+    if fileio.exists(results_path) and ckpt.latest_step() == steps.total:
         metrics_io.say(f'{workdir} is finished; reusing its results')
         ckpt.close()
         return metrics_io.read_json(results_path)
@@ -143,8 +153,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                            total_steps=steps.total)
 
     process_count, process_index = jax.process_count(), jax.process_index()
-    skip = dict(skip_corrupt=config.data.skip_corrupt,
-                skip_log=os.path.join(workdir, reader.SKIP_LOG))
+    skip_log = reader.SkipLog(workdir, process_index)
+    skip = dict(skip_corrupt=config.data.skip_corrupt, skip_log=skip_log.path)
     aug = {**config.aug.to_dict(), 'pixmix_cache_dir': os.path.join(data_dir, 'pixmix_fractals')}
     train_iter = iter(input_pipeline.train_dataset(
         train_split, global_batch=config.global_batch, seed=config.seed, aug=aug,
@@ -191,6 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         record = {'epoch': epoch, 'train_loss': train_loss, 'lr': lr,
                   'wall_s': wall_offset + time.time() - t_start, **acc}
         writer.scalars(step, record, jsonl=True)
+        skip_log.sync()
         return record
 
     previous = metrics_io.read_metrics(workdir) if is_main else []
@@ -264,6 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """One experiment: the source stage if the transfer needs one, then the configured stage."""
+    # Before the source stage trains: its config is the target's with valid stand-ins.
+    config_lib.validate(config, num_devices=jax.device_count(),
+                        num_processes=jax.process_count())
     source = config.transfer.init_from
     # With N = 0 and re-initialisation nothing is taken over: the source stage would be wasted.
     takes_layers = config_lib.transferred_layers(config, range(config_lib.NUM_LAYERS))

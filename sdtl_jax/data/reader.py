@@ -8,19 +8,23 @@ With `data.skip_corrupt=True`, such records are skipped instead (in training a r
 record takes the place in the batch; in evaluation the place becomes padding) and each is
 appended to a log in the workdir (`skipped_records.txt`), which the run counts into its
 results: nothing is dropped silently. Every process and worker appends to the log (O_APPEND
-writes of one line are atomic), so it also works with worker processes.
+writes of one line are atomic), so it also works with worker processes. A bucket has no
+appends: with a gs:// workdir each process logs to a local file that `SkipLog.sync` uploads as
+`skipped_records.process_<i>.txt` after every evaluation.
 """
 
 from __future__ import annotations
 
 import bisect
 import os
+import tempfile
 from typing import Any
 
 import grain
 import numpy as np
 from absl import logging
 
+from sdtl_jax import fileio
 from sdtl_jax.data import sources, transforms
 
 SKIP_LOG = 'skipped_records.txt'
@@ -137,10 +141,37 @@ class SkipCorruptMap(_Guard, grain.transforms.Map):
         return self._guarded(self.transform.map, element)
 
 
+class SkipLog:
+    """Where one process logs skipped records: `path`, a local file its grain workers append to.
+
+    In a local workdir that is the workdir's SKIP_LOG itself and `sync` does nothing. In a
+    remote one it is a local copy, seeded from the bucket (a run resumed on another machine
+    keeps its log), that `sync` uploads as skipped_records.process_<i>.txt.
+    """
+
+    def __init__(self, workdir: str, process_index: int):
+        if not fileio.is_remote(workdir):
+            self.path, self.remote = os.path.join(workdir, SKIP_LOG), None
+            return
+        self.remote = f'{workdir.rstrip("/")}/{_REMOTE_SKIP_LOG.format(process_index)}'
+        self.path = os.path.join(tempfile.mkdtemp(prefix='sdtl_skip_log_'), SKIP_LOG)
+        if fileio.exists(self.remote):
+            with open(self.path, 'w') as f:
+                f.write(fileio.read_text(self.remote))
+
+    def sync(self) -> None:
+        if self.remote and os.path.exists(self.path):
+            with open(self.path, 'rb') as f:
+                fileio.write_bytes(self.remote, f.read())
+
+
+_REMOTE_SKIP_LOG = 'skipped_records.process_{}.txt'
+
+
 def count_skipped(workdir: str) -> int:
     """Records skipped so far by the runs in `workdir` (distinct locations)."""
-    path = os.path.join(workdir, SKIP_LOG)
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return len({line.split('\t', 1)[0] for line in f if line.strip()})
+    where = set()
+    for path in fileio.glob(workdir, 'skipped_records*.txt'):
+        where.update(line.split('\t', 1)[0]
+                     for line in fileio.read_text(path).splitlines() if line.strip())
+    return len(where)

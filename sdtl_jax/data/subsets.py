@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from sdtl_jax import fileio
 from sdtl_jax.data import records, sources
 
 SUBSET_FILE = 'train_subset.json'
@@ -95,17 +96,13 @@ def select(split: sources.DatasetSplit, *, fraction: float, stratify: bool, seed
 
 def _store_or_check(path: str, indices: np.ndarray, *, write: bool,
                     description: dict[str, Any]) -> None:
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
+    if fileio.exists(path):
+        stored = json.loads(fileio.read_text(path))
         if stored['indices'] != indices.tolist():
             shown = {k: stored.get(k) for k in description}
             raise ValueError(f'{path} holds another training subset ({shown}) than this run '
                              f'draws ({description}); use a new workdir or the same data '
                              f'settings')
     elif write:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f'{path}.tmp.{os.getpid()}'
-        with open(tmp, 'w') as f:
-            json.dump({**description, 'size': len(indices), 'indices': indices.tolist()}, f)
-        os.replace(tmp, path)
+        fileio.write_text(path, json.dumps(
+            {**description, 'size': len(indices), 'indices': indices.tolist()}))

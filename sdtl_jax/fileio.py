@@ -1,0 +1,102 @@
+"""Workdir files on a local disk or in a bucket (`gs://...`): the one module that knows the
+difference.
+
+Remote paths go through `etils.epath`, which reads and writes `gs://` with gcsfs (install it
+with `pip install gcsfs`, or `SDTL_EXTRAS=gcs bash scripts/setup.sh`). Orbax checkpoints and
+TensorBoard reach the bucket through their own GCS support (tensorstore, tensorboardX).
+
+Object stores differ from a disk in two ways that matter here: an object is replaced whole
+and atomically (so `write_bytes` needs no temporary file there), and it cannot be appended
+to (so `append_text` rewrites it: only small logs are appended to, one line per epoch).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+from etils import epath
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for URLs such as gs://bucket/dir (epath's schemes), False for local paths."""
+    return '://' in os.fspath(path)
+
+
+def check_supported(path: str | os.PathLike) -> None:
+    """Raises an ImportError naming the package to install if `path` is a gs:// URL and
+    gcsfs is missing: better before training than at the first write after an epoch."""
+    if os.fspath(path).startswith('gs://'):
+        try:
+            import gcsfs  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                f'The workdir {os.fspath(path)} is on GCS, which needs gcsfs: pip install '
+                'gcsfs (or SDTL_EXTRAS=gcs bash scripts/setup.sh)') from e
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """An absolute local path, or the URL unchanged (os.path.abspath would mangle it)."""
+    path = os.fspath(path)
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    return epath.Path(path).exists()
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    return epath.Path(path).is_dir()
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    """Creates a local folder and its parents; a no-op in a bucket, which has no folders."""
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return epath.Path(path).read_text()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes so that a reader sees the old file or the new one, never half of one."""
+    if is_remote(path):
+        epath.Path(path).write_bytes(data)   # an upload replaces the object atomically
+        return
+    path = os.fspath(path)
+    makedirs(os.path.dirname(path) or '.')
+    tmp = f'{path}.tmp.{os.getpid()}'     # per process: several may write the same file
+    with open(tmp, 'wb') as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Appends to a local file; rewrites a remote object with `text` added (no appends)."""
+    if is_remote(path):
+        old = read_text(path) if exists(path) else ''
+        write_text(path, old + text)
+        return
+    makedirs(os.path.dirname(os.fspath(path)) or '.')
+    with open(path, 'a') as f:
+        f.write(text)
+
+
+def save_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> None:
+    """Saves a matplotlib figure as PNG to a local path or a URL."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format='png', **savefig_kwargs)
+    write_bytes(path, buffer.getvalue())
+
+
+def glob(directory: str | os.PathLike, pattern: str) -> list[str]:
+    """Paths in `directory` matching `pattern` (e.g. 'skipped_records*.txt'), sorted."""
+    directory = epath.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(os.fspath(p) for p in directory.glob(pattern))
