@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import flax
 import grain
 import orbax.checkpoint as ocp
+from etils import epath
 
 from sdtl_jax import fileio, freeze
 
@@ -40,12 +42,32 @@ class Checkpointer:
 
     def restore(self, abstract_state: Any, data_iterator) -> Any:
         """Restores the latest step into `abstract_state`'s shapes and shardings (in place for
-        the iterator); returns the state."""
+        the iterator); returns the state.
+
+        Raises a ValueError naming every differing key when the checkpoint holds another model
+        or class count (a workdir reused with another config).
+        """
         step = self._manager.latest_step()
+        # The handler reads shapes only; the manager's own item_metadata knows no handler yet.
+        saved = ocp.StandardCheckpointHandler().metadata(
+            epath.Path(self.directory) / str(step) / 'state')
+        ours = flax.serialization.to_state_dict(abstract_state)
+        problems = [p for key in ('params', 'batch_stats')
+                    for p in freeze.differences(ours.get(key, {}), saved.get(key, {}), key,
+                                                'resumed')]
+        if problems:
+            raise ValueError(
+                f'The checkpoint {self.directory}/{step} holds another model than this config '
+                'builds (a workdir of another run?); use a new --workdir, or the config that '
+                'wrote it:\n  ' + '\n  '.join(problems))
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
         return restored.state
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once every process of a multi-host run has passed a preemption notice."""
+        return self._manager.reached_preemption(step)
 
     def wait_until_finished(self) -> None:
         self._manager.wait_until_finished()

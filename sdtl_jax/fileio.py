@@ -87,6 +87,10 @@ def append_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def remove(path: str | os.PathLike) -> None:
+    epath.Path(path).unlink()
+
+
 def save_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> None:
     """Saves a matplotlib figure as PNG to a local path or a URL."""
     buffer = io.BytesIO()

@@ -57,16 +57,7 @@ def graft(target: Mapping[str, Any], source: Mapping[str, Any], layers: Sequence
         if layer not in target:
             problems.append(f'{what}/{layer}: in the source checkpoint, not in the model')
             continue
-        src = dict(_flatten(source[layer], f'{what}/{layer}'))
-        dst = dict(_flatten(target[layer], f'{what}/{layer}'))
-        for key in sorted(set(src) | set(dst)):
-            if key not in src:
-                problems.append(f'{key}: missing in the source checkpoint')
-            elif key not in dst:
-                problems.append(f'{key}: in the source checkpoint, not in the model')
-            elif tuple(src[key].shape) != tuple(dst[key].shape):
-                problems.append(f'{key}: source shape {tuple(src[key].shape)} != model shape '
-                                f'{tuple(dst[key].shape)}')
+        problems += differences(target[layer], source[layer], f'{what}/{layer}', 'source')
     if problems:
         raise ValueError('The source checkpoint does not fit this model:\n  '
                          + '\n  '.join(problems))
@@ -76,6 +67,24 @@ def graft(target: Mapping[str, Any], source: Mapping[str, Any], layers: Sequence
             merged[layer] = jax.tree.map(
                 lambda s, t: jax.numpy.asarray(s, dtype=t.dtype), source[layer], target[layer])
     return merged
+
+
+def differences(model_tree: Any, checkpoint_tree: Any, prefix: str,
+                checkpoint: str = 'source') -> list[str]:
+    """Every key under `prefix` that `checkpoint_tree` (anything with `.shape` leaves, e.g.
+    Orbax metadata) lacks, has in excess, or holds in another shape than `model_tree`."""
+    src = dict(_flatten(checkpoint_tree, prefix))
+    dst = dict(_flatten(model_tree, prefix))
+    problems = []
+    for key in sorted(set(src) | set(dst)):
+        if key not in src:
+            problems.append(f'{key}: missing in the {checkpoint} checkpoint')
+        elif key not in dst:
+            problems.append(f'{key}: in the {checkpoint} checkpoint, not in the model')
+        elif tuple(src[key].shape) != tuple(dst[key].shape):
+            problems.append(f'{key}: {checkpoint} shape {tuple(src[key].shape)} != model shape '
+                            f'{tuple(dst[key].shape)}')
+    return problems
 
 
 def _flatten(tree, prefix):

@@ -7,11 +7,13 @@ taken over from the source and frozen (SPEC.md sections 1 and 7).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
 import os
+import signal
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -29,6 +31,7 @@ from sdtl_jax import (
     models,
     optim,
     sharding,
+    workdir_guard,
 )
 from sdtl_jax.data import input_pipeline, normalize, photometric, reader, sources, subsets
 
@@ -104,12 +107,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Restore order (big_vision): the checkpoint in `workdir`, then layers from `source` (a run
     workdir or checkpoints folder) for a transfer, then scratch. Returns results.json's dict.
+    Before anything is read or compiled: the config is valid, the workdir writable and not in
+    use by another run (process 0 holds its lock until the stage ends).
     """
-    t_start = time.time()
-    is_main = jax.process_index() == 0
     config_lib.validate(config, num_devices=jax.device_count(),
                         num_processes=jax.process_count())
     fileio.check_supported(workdir)
+    if jax.process_index() != 0:
+        return _train_and_evaluate(config, workdir, source, heartbeat=lambda: None)
+    workdir_guard.check_writable(workdir)
+    lock = workdir_guard.RunLock(workdir)
+    note = lock.acquire()
+    if note:
+        metrics_io.say(f'{workdir}: {note}')
+    try:
+        return _train_and_evaluate(config, workdir, source, heartbeat=lock.heartbeat)
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source: str, *,
+                        heartbeat: Callable[[], None]) -> dict[str, Any]:
+    t_start = time.time()
+    is_main = jax.process_index() == 0
     mesh = sharding.make_mesh()
     data_dir = config.data.data_dir or sources.default_data_dir()
     train_split = sources.resolve(config.data.train, data_dir, config.data.train_split)
@@ -176,6 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             metrics_io.say(f'{workdir}: loaded layers {layers[0]}..{layers[-1]} from {source}')
         state = new_state(params, batch_stats)
 
+    if is_main:
+        workdir_guard.check_free_space(workdir, _nbytes(state), config.checkpoint.keep)
     total_params = num_params(state.params)
     trainable_params = num_params({k: v for k, v in state.params.items()
                                    if k not in layer_names[:num_frozen]})
@@ -219,28 +241,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     bar = metrics_io.progress(steps.total, start_step, os.path.basename(workdir.rstrip('/')),
                               enabled=is_main)
     epoch_losses = []
-    for step in range(start_step, steps.total):
-        state, metrics = step_fn(state, sharding.to_global(next(train_iter), mesh))
-        epoch_losses.append(metrics['loss'])
-        bar.update(1)
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == steps.total:
-            loss, lr = (float(x) for x in jax.device_get((metrics['loss'], metrics['lr'])))
-            if not math.isfinite(loss):
-                raise FloatingPointError(f'Loss is {loss} at step {done} of {workdir}; the last '
-                                         'good checkpoint is kept in checkpoints/')
-            bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.2e}')
-            writer.scalars(done, {'train/loss': loss, 'train/lr': lr})
-        if done % steps.per_epoch == 0:
-            epoch = done // steps.per_epoch
-            train_loss = float(np.mean(jax.device_get(epoch_losses)))
-            epoch_losses = []
-            if epoch % config.eval.every_epochs == 0 or epoch in last_epochs:
-                record = run_eval(epoch, done, train_loss, float(metrics['lr']), wall_offset)
-                metrics_io.say(f'epoch {epoch}/{config.num_epochs}: train loss {train_loss:.4f}, '
-                               f'top-1 {record["top1"]:.2f}%, top-5 {record["top5"]:.2f}%')
-            if epoch % config.checkpoint.every_epochs == 0 or done == steps.total:
+    with _Preemption(ckpt, process_count) as preemption, _saves_completed(ckpt):
+        for step in range(start_step, steps.total):
+            state, metrics = step_fn(state, sharding.to_global(next(train_iter), mesh))
+            epoch_losses.append(metrics['loss'])
+            bar.update(1)
+            done = step + 1
+            if done % config.log_every_steps == 0 or done == steps.total:
+                loss, lr = (float(x) for x in jax.device_get((metrics['loss'], metrics['lr'])))
+                _check_finite([loss], done, workdir)
+                bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.2e}')
+                writer.scalars(done, {'train/loss': loss, 'train/lr': lr})
+                heartbeat()
+            if preemption.reached(done):
+                # Mid-epoch is fine: the checkpoint holds the data iterator's position.
+                _check_finite(jax.device_get(epoch_losses), done - len(epoch_losses) + 1, workdir)
                 ckpt.save(done, state, train_iter)
+                ckpt.wait_until_finished()
+                ckpt.close()
+                metrics_io.say(f'{workdir}: preempted (SIGTERM) at step {done}; saved a checkpoint '
+                               'there. The same command resumes from it.')
+                raise SystemExit(128 + signal.SIGTERM)
+            if done % steps.per_epoch == 0:
+                epoch = done // steps.per_epoch
+                losses = jax.device_get(epoch_losses)
+                # Before the checkpoint: a diverged state must never replace the last good one.
+                _check_finite(losses, done - len(losses) + 1, workdir)
+                train_loss = float(np.mean(losses))
+                epoch_losses = []
+                if epoch % config.eval.every_epochs == 0 or epoch in last_epochs:
+                    record = run_eval(epoch, done, train_loss, float(metrics['lr']), wall_offset)
+                    metrics_io.say(f'epoch {epoch}/{config.num_epochs}: train loss '
+                                   f'{train_loss:.4f}, top-1 {record["top1"]:.2f}%, top-5 '
+                                   f'{record["top5"]:.2f}%')
+                if epoch % config.checkpoint.every_epochs == 0 or done == steps.total:
+                    ckpt.save(done, state, train_iter)
     bar.close()
     ckpt.wait_until_finished()
     ckpt.close()
@@ -271,6 +306,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         metrics_io.write_json(results_path, results)
     writer.close()
     return results
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _check_finite(losses, first_step: int, workdir: str) -> None:
+    """Raises FloatingPointError naming the first step (numbered from 1) whose loss is NaN or
+    infinite; `losses` are consecutive steps' losses from `first_step` on."""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(losses, dtype=np.float64)))
+    if bad.size:
+        step = first_step + int(bad[0])
+        raise FloatingPointError(
+            f'Loss is {float(np.asarray(losses)[bad[0]])} at step {step} of {workdir}: training '
+            f'diverged. The last good checkpoint is kept in {workdir}/checkpoints; lower '
+            '--config.optim.base_lr or check the data, then run the same command to resume '
+            'from it.')
+
+
+@contextlib.contextmanager
+def _saves_completed(ckpt: checkpointing.Checkpointer):
+    """Completes the checkpoints being written (in the background) on the way out, also when
+    an exception (a diverged loss, Ctrl-C) ends training: the last good one must be kept."""
+    try:
+        yield
+    finally:
+        ckpt.wait_until_finished()
+
+
+class _Preemption:
+    """SIGTERM (a preemption notice): the loop saves a checkpoint and exits.
+
+    One process: a Python handler sets a flag. Several: JAX's coordination service already
+    catches SIGTERM and makes all processes agree on a step (Orbax's `reached_preemption`);
+    a Python handler would replace its own.
+    """
+
+    def __init__(self, ckpt: checkpointing.Checkpointer, process_count: int):
+        self._ckpt, self._received = ckpt, False
+        # Handlers can only be set from the main thread (not so in some notebook runners).
+        self._own_handler = (process_count == 1
+                             and threading.current_thread() is threading.main_thread())
+
+    def __enter__(self) -> '_Preemption':
+        if self._own_handler:
+            self._previous = signal.signal(signal.SIGTERM, self._set)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._own_handler:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _set(self, signum, frame) -> None:
+        self._received = True
+
+    def reached(self, step: int) -> bool:
+        return self._received if self._own_handler else self._ckpt.reached_preemption(step)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
