@@ -31,7 +31,9 @@ GCS = ['gcsfs>=2024.6']
 # tests/test_gcs.py runs a gs:// workdir against a local GCS emulator.
 TEST = ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6', 'gcp-storage-emulator>=2026.7', *GCS]
 # The PyTorch reference models (sdtl_jax/torch_reference.py): fidelity fixtures and the
-# benchmark's reference step only; tests read committed fixtures instead.
+# benchmark's reference step only; tests read committed fixtures instead. With the CPU build of
+# torch, PyPI's torchvision (a CUDA build) breaks transformers' and diffusers' imports (its
+# operators do not load): install this extra in a separate venv there, not beside [generate].
 REFERENCE = ['torch>=2.13', 'torchvision==0.28.0', 'timm>=1.0']
 
 setuptools.setup(

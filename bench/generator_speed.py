@@ -80,7 +80,7 @@ def ours(args, requests, out_dir: str) -> tuple[float, dict]:
     return len(requests) / (time.perf_counter() - start), info
 
 
-def main(argv=None):
+def main(argv=None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--model', default='CompVis/stable-diffusion-v1-4')
     parser.add_argument('--tiny', action='store_true',
@@ -121,6 +121,7 @@ def main(argv=None):
     print('\n'.join(lines))
     if args.append:
         results.append('generator_speed', lines, argv)
+    return lines
 
 
 if __name__ == '__main__':

@@ -99,7 +99,7 @@ def device_ops_line(split: sources.DatasetSplit, aug, batch: int) -> str:
             f'of {batch} ({batch / seconds:.0f} samples/s)')
 
 
-def main(argv=None):
+def main(argv=None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     data = config_lib.base(data='imagenet100').data
     default = f'{data.num_workers}:{data.num_threads}'
@@ -142,6 +142,7 @@ def main(argv=None):
     print(lines[0])
     if args.append:
         results.append('loader_speed', lines, argv)
+    return lines
 
 
 def _versions() -> str:

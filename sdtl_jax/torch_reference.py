@@ -8,6 +8,8 @@ PyPI only has CUDA builds of torchvision. With the CPU build of torch, its compi
 (nms, roi_align, ...) do not load, and `import torchvision` fails in `_meta_registrations`,
 which registers shapes for those operators. The models need none of them, so `_torchvision`
 skips that one module. The import works unchanged where torchvision matches its torch (GPU hosts).
+transformers and diffusers import torchvision without this workaround, so on a CPU-torch host
+keep the reference packages in a venv of their own (tests/test_generate.py fails beside them).
 """
 
 from __future__ import annotations
