@@ -40,8 +40,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from sdtl_jax import models
+from sdtl_jax import metrics_io, models
 from sdtl_jax.models import layers
 
 # The reference's linear classifier, whose weight is our `head` kernel.
@@ -168,11 +169,6 @@ def _shapes(model: nn.Module) -> dict:
     return jax.eval_shape(functools.partial(models.init, model, 0, 32))
 
 
-def _leaves(tree: Mapping) -> list[tuple[tuple[str, ...], Any]]:
-    return [(tuple(p.key for p in path), leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def to_flax(state: Mapping[str, np.ndarray], model: nn.Module, *,
             keep_classifier: bool = False) -> tuple[dict, list[str]]:
     """Maps a reference state dict onto `model`'s variables, tensor by tensor.
@@ -198,7 +194,7 @@ def to_flax(state: Mapping[str, np.ndarray], model: nn.Module, *,
     variables = {}
     for collection, tree in _shapes(model).items():
         flat = {}
-        for path, shape in _leaves(tree):
+        for path, shape in traverse_util.flatten_dict(tree).items():
             if path[0] == 'head' and not keep_classifier:
                 continue
             key = _reference_name(model, path)
@@ -212,8 +208,8 @@ def to_flax(state: Mapping[str, np.ndarray], model: nn.Module, *,
                 layout = f', {value.shape} in Flax layout' if value.ndim > 1 else ''
                 problems.append(f'wrong shape: {key} {state[key].shape}{layout}; '
                                 f'{collection}/{"/".join(path)} needs {shape.shape}')
-            flat[path] = value
-        variables[collection] = _unflatten(flat)
+            flat[path] = np.ascontiguousarray(value)
+        variables[collection] = traverse_util.unflatten_dict(flat)
     problems += [f'left over: {k} {np.shape(v)}' for k, v in state.items()
                  if k not in used and k.rsplit('.', 1)[-1] not in IGNORED_BUFFERS]
     if problems:
@@ -222,16 +218,6 @@ def to_flax(state: Mapping[str, np.ndarray], model: nn.Module, *,
             'problems); check --model and --model_kwargs (the widths) against it:\n  '
             + '\n  '.join(problems))
     return variables, dropped
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict:
-    tree = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = np.ascontiguousarray(value)
-    return tree
 
 
 def _describe(model: nn.Module) -> str:
@@ -303,8 +289,7 @@ def convert(checkpoint: str, out: str, *, model_config: Mapping[str, Any],
         head = 'dropped' if num_classes is None else f'fresh, {num_classes} classes'
     summary = {'checkpoint': os.path.abspath(checkpoint), 'model': config, 'head': head,
                'dropped': dropped, 'written': os.path.join(directory, '0')}
-    with open(os.path.join(out, 'convert.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    metrics_io.write_json(os.path.join(out, 'convert.json'), summary)
     return summary
 
 
