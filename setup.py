@@ -1,6 +1,6 @@
 """sdtl_jax: synthetic-to-real transfer learning for vision in JAX/Flax.
 
-Lower bounds here; `requirements-lock.txt` pins the versions CI installs (STYLE.md section 1).
+Lower bounds here; `requirements-lock.txt` pins the versions CI installs, as big_vision does.
 """
 import setuptools
 

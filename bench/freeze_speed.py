@@ -1,6 +1,6 @@
 r"""Train-step time of ResNet-50 with the first N layers frozen against full training (issue 2).
 
-The frozen prefix must cost no backward pass (SPEC.md section 7): on a 2-core CPU, N = 16
+The frozen prefix must cost no backward pass (docs/paper.md §7): on a 2-core CPU, N = 16
 should take at most 0.4x the time of N = 0 (TRAPS.md measured 0.68 s vs 2.77 s).
 
   python -m bench.freeze_speed                                   # N = 0 and 16

@@ -3,8 +3,8 @@ r"""Generator speed: images/s of `python -m sdtl_jax.generate` against the naive
   python -m bench.generator_speed --model=CompVis/stable-diffusion-v1-4 --append   # on a GPU
   python -m bench.generator_speed --tiny --width=64 --height=48 --steps=2          # CPU smoke
 
-Both sides generate SD 1.4 images at 512 x 384 with 50 steps and guidance 2.0 (SPEC.md
-section 8) from the same prompts and seeds, on the same device:
+Both sides generate SD 1.4 images at 512 x 384 with 50 steps and guidance 2.0 (docs/paper.md
+§8) from the same prompts and seeds, on the same device:
 - naive: one prompt per pipeline call, diffusers' defaults (the paper took 73 GPU-hours for
   130,000 images, ~0.49 images/s), each image saved as a PNG file;
 - ours: the generator of sdtl_jax.generate (batches, fp16, SDPA attention, channels_last,

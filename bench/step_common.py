@@ -25,7 +25,7 @@ import numpy as np
 from sdtl_jax import config_lib
 from sdtl_jax.data import photometric, sources, transforms
 
-# The paper pairs each model with one dataset (SPEC.md section 4): its global batch and classes.
+# The paper pairs each model with one dataset (docs/paper.md §4): its global batch and classes.
 PAPER_DATA = {'resnet50': 'imagenet100', 'tinyvit_5m': 'pets'}
 MODELS = tuple(PAPER_DATA)
 INSTALL_REFERENCE = "pip install -e '.[reference]' (torchvision 0.28.0 and timm, beside torch)"
@@ -81,7 +81,7 @@ def paper_spec(model: str, *, full_size: bool, **overrides) -> StepSpec:
 
 
 def recipe(spec: StepSpec):
-    """The training config of the step: the paper's recipe (SPEC.md section 4) at this batch."""
+    """The training config of the step: the paper's recipe (docs/paper.md §4) at this batch."""
     config = config_lib.base(data=PAPER_DATA[spec.model], model=spec.model)
     config.global_batch = spec.batch
     config.transfer.num_frozen = spec.num_frozen

@@ -2,9 +2,9 @@
 
 The same step as `train.train_step`, written as a PyTorch user would: torchvision's ResNet-50 or
 timm's TinyViT-5M (through `sdtl_jax.torch_reference`) with its classifier replaced by the
-cosine head of SPEC.md section 3; SGD with momentum 0.9 and weight decay 1e-4 on >1-D weights
-only (SPEC.md section 4); two forward passes, the global crops then the local crops, and one
-backward pass of the mean cross-entropy over every crop (SPEC.md section 5). The first N of the
+cosine head of docs/paper.md §3; SGD with momentum 0.9 and weight decay 1e-4 on >1-D weights
+only (docs/paper.md §4); two forward passes, the global crops then the local crops, and one
+backward pass of the mean cross-entropy over every crop (docs/paper.md §5). The first N of the
 18 layers are frozen as ours are: `requires_grad=False` (so autograd runs no backward pass
 through them and the optimizer never sees them) and eval mode (BatchNorm on running statistics).
 
@@ -43,7 +43,7 @@ class CosineHead(nn.Module):
 
 
 def build_model(spec: step_common.StepSpec) -> tuple[nn.Module, list[list[nn.Module]]]:
-    """The reference model with the cosine head, and its 18 layers (SPEC.md section 2) in
+    """The reference model with the cosine head, and its 18 layers (docs/paper.md §2) in
     forward order, each a list of modules, as ours are named."""
     if not step_common.reference_matches(spec):
         raise ValueError(f'No PyTorch reference for {spec.model} with {spec.model_kwargs}')

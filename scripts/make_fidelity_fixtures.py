@@ -8,12 +8,12 @@ only the files written here. For each architecture the reference model, with ran
 (BatchNorm and LayerNorm statistics and affine terms, biases and TinyViT's attention-bias tables
 drawn too, so that none sits at an identity value), runs in inference mode, in float64, on a
 batch of 2 random images at 224 px and on their centre 96 px crop. Forward hooks record its 18
-layer outputs (SPEC.md section 2). Then our model, converted from the same weights with
+layer outputs (docs/paper.md §2). Then our model, converted from the same weights with
 `sdtl_jax.convert`, runs in float32 (as the tests do) and in float64, and the largest relative
 error over the layers is printed: max |ours - reference| / max |reference| per layer output.
 
-The reference models' linear classifier is replaced by the cosine classifier of SPEC.md section
-3, written in PyTorch as t-ReX's `ClfLayer` (naver/trex, trex.py): weight (classes, features),
+The reference models' linear classifier is replaced by the cosine classifier of docs/paper.md
+§3, written in PyTorch as t-ReX's `ClfLayer` (naver/trex, trex.py): weight (classes, features),
 no bias, normalize(x) @ normalize(w).T / tau. Without it logits would not be comparable.
 
 Reduced widths keep the fixture small (< 3 MB): torchvision's ResNet-50 with every channel count
@@ -148,7 +148,7 @@ def randomize(model: torch.nn.Module, calibration: np.ndarray) -> None:
 def run_reference(model: torch.nn.Module, ours, x: np.ndarray) -> dict[str, np.ndarray]:
     """The reference's 18 layer outputs on `x` (NHWC), in our layout, recorded by hooks.
 
-    Layer -> module as in the converter (SPEC.md section 2), except ResNet's stem, which ends
+    Layer -> module as in the converter (docs/paper.md §2), except ResNet's stem, which ends
     with torchvision's top-level max-pool.
     """
     modules = dict(model.named_modules())

@@ -5,7 +5,7 @@ r"""Where do two trained models' features part ways? Linear CKA and linear probe
 
 Both models see the same real images (the evaluation split of A's config, with its resize and
 centre crop, at most `--max_images` of them, drawn at random with `--seed`). Each of the 18
-layer outputs (SPEC.md section 2) is averaged over its spatial axes to one vector per image.
+layer outputs (docs/paper.md §2) is averaged over its spatial axes to one vector per image.
 Per layer this reports:
 - linear CKA between A's and B's vectors (Kornblith et al. 2019, "Similarity of Neural Network
   Representations Revisited"): 1 = the same features up to a rotation and a scale, near 0 =

@@ -2,7 +2,7 @@
 
 Layout: `<workdir>/checkpoints/<step>/{state,data}`. `state` is the whole `TrainState`
 (params, batch_stats, optimizer state, step, RNG); `data` is the grain iterator's position, so
-a resumed run sees exactly the batches it would have seen (STYLE.md section 8).
+a resumed run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations

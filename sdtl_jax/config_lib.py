@@ -1,9 +1,9 @@
 """Config helpers shared by `configs/*.py`: argument parsing, presets, validation.
 
-Configs stay declarative (STYLE.md section 2); every rule of the recipe (SPEC.md sections 4-6)
+Configs stay declarative, as in big_vision; every rule of the recipe (docs/paper.md §4-6)
 lives here once, and the dataset facts come from `data/sources.py`.
 
-Departure from STYLE.md: durations are in epochs (`num_epochs`, `warmup_epochs`), because the
+Departure from big_vision: durations are in epochs (`num_epochs`, `warmup_epochs`), because the
 paper states its recipe in epochs and the step count depends on the dataset's size, which is
 only known when the shards are opened. `steps()` converts them once, at start-up.
 """
@@ -21,7 +21,7 @@ from sdtl_jax import models
 from sdtl_jax.data import augment, sources
 from sdtl_jax.models import layers
 
-# The paper's two settings (SPEC.md sections 4 and 8) and the embedded demo data. `model` is the
+# The paper's two settings (docs/paper.md §4 and 8) and the embedded demo data. `model` is the
 # architecture the paper pairs with the dataset.
 DATA_PRESETS = {
     'imagenet100': dict(real='imagenet100_real', synth='imagenet100_synth', eval_split='val',
@@ -76,7 +76,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def base(*, data: str, model: str | None = None, demo: bool = False,
          smoke: bool = False) -> ml_collections.ConfigDict:
-    """The paper's recipe (SPEC.md sections 4-6) on `data`, shrunk for `demo` or `smoke`.
+    """The paper's recipe (docs/paper.md §4-6) on `data`, shrunk for `demo` or `smoke`.
 
     `demo` and `smoke` run on the embedded digits data with a small model of the same
     architecture and 18 layers: the demo finishes in minutes on a 2-core CPU, the smoke
@@ -100,7 +100,7 @@ def base(*, data: str, model: str | None = None, demo: bool = False,
     c.data.synth = preset['synth']
     c.data.train = preset['real']       # what this stage trains on (set by the experiment config)
     c.data.train_split = 'train'
-    c.data.eval = preset['real']        # evaluation is always on real images (SPEC.md section 1)
+    c.data.eval = preset['real']        # evaluation is always on real images (docs/paper.md §1)
     c.data.eval_split = preset['eval_split']
     # Loader: one worker process per CPU core (-1), 2 read threads each: measured fastest on
     # 2 cores (bench/RESULTS.md, loader_speed). 0 workers keeps decoding in this process.
@@ -115,7 +115,7 @@ def base(*, data: str, model: str | None = None, demo: bool = False,
     # logs each to <workdir>/skipped_records.txt (counted in results.json).
     c.data.skip_corrupt = False
 
-    # Augmentation: one of augment.PIPELINES (Table 1); DINO multi-crop (SPEC.md section 5) is
+    # Augmentation: one of augment.PIPELINES (Table 1); DINO multi-crop (docs/paper.md §5) is
     # the recipe's. global_size is the crop of every pipeline; the rest is multi-crop's, except
     # pixmix_dir (PixMix's mixing pictures; '' = generated fractals, cached in
     # <data_dir>/pixmix_fractals).
@@ -129,7 +129,7 @@ def base(*, data: str, model: str | None = None, demo: bool = False,
     c.aug.num_local = 8
     c.aug.local_scale = (0.05, 0.25)
 
-    # Evaluation (SPEC.md section 6): resize 256, centre-crop 224, every epoch; results are the
+    # Evaluation (docs/paper.md §6): resize 256, centre-crop 224, every epoch; results are the
     # mean and std over the last `last_epochs` evaluations.
     c.eval = ml_collections.ConfigDict()
     c.eval.resize = 256
@@ -138,7 +138,7 @@ def base(*, data: str, model: str | None = None, demo: bool = False,
     c.eval.every_epochs = 1
     c.eval.last_epochs = 5
 
-    # SGD recipe (SPEC.md section 4).
+    # SGD recipe (docs/paper.md §4).
     c.num_epochs = 100
     c.warmup_epochs = 10
     c.global_batch = preset['global_batch']
@@ -148,7 +148,7 @@ def base(*, data: str, model: str | None = None, demo: bool = False,
     c.optim.momentum = 0.9
     c.optim.weight_decay = 1e-4
 
-    # Transfer (SPEC.md sections 1 and 7). `source_data` empty = no transfer (a baseline).
+    # Transfer (docs/paper.md §1 and 7). `source_data` empty = no transfer (a baseline).
     c.transfer = ml_collections.ConfigDict()
     c.transfer.source_data = ''
     c.transfer.init_from = ''           # a run workdir or its checkpoints/; '' = train the source
@@ -234,7 +234,7 @@ class Steps:
 
 def steps(config: ml_collections.ConfigDict, num_train_examples: int) -> Steps:
     """Epochs -> steps for a training set of `num_train_examples` (after any subset). The
-    last partial batch is dropped (SPEC.md section 4)."""
+    last partial batch is dropped (docs/paper.md §4)."""
     per_epoch = num_train_examples // config.global_batch
     if per_epoch == 0:
         raise ValueError(f'{num_train_examples} training examples make no full batch of '
@@ -244,7 +244,7 @@ def steps(config: ml_collections.ConfigDict, num_train_examples: int) -> Steps:
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> float:
-    """Base LR = 0.1 x global_batch / 256 (SPEC.md section 4)."""
+    """Base LR = 0.1 x global_batch / 256 (docs/paper.md §4)."""
     return config.optim.base_lr * config.global_batch / 256
 
 

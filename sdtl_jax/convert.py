@@ -13,7 +13,7 @@ left over or of the wrong shape stops the conversion with a list naming each one
 Written to `<out>/checkpoints/0/state`: `{'params', 'batch_stats'}`, the layout
 `checkpointing.load_variables` reads, and `<out>/convert.json` (source, model config, head,
 dropped tensors). The classifier (our layer 17, `head`) is a bias-free cosine classifier
-(SPEC.md section 3):
+(docs/paper.md §3):
 - by default the checkpoint's classifier is dropped: a transfer re-initialises layers >= N;
 - `--num_classes=K` adds a freshly initialised K-class head, so that every layer can be taken
   over (`transfer.reinit=False` fine-tunes the whole converted model);

@@ -1,4 +1,4 @@
-"""Top-1 / top-5 accuracy over a whole evaluation split (SPEC.md section 6).
+"""Top-1 / top-5 accuracy over a whole evaluation split (docs/paper.md §6).
 
 The eval pipeline pads the last batch and carries a mask, so every image counts exactly once
 and no remainder is dropped.

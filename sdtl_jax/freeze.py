@@ -1,6 +1,6 @@
 """Which parameters are frozen, which decay, and grafting pre-trained layers into a new model.
 
-One mask, built from `layer_names()[:num_frozen]`, drives freezing (STYLE.md section 5):
+One mask, built from `layer_names()[:num_frozen]`, drives freezing:
 `optim.make` gives frozen leaves `optax.set_to_zero`, the model puts a `stop_gradient` after
 the last frozen layer and runs frozen BatchNorm on running statistics.
 """
@@ -34,7 +34,7 @@ def layer_labels(params: Mapping[str, Any], layer_names: Sequence[str], num_froz
 
 
 def decay_mask(params) -> Any:
-    """True for weights with more than one dimension, except biases (SPEC.md section 4)."""
+    """True for weights with more than one dimension, except biases (docs/paper.md §4)."""
     def decays(path, leaf):
         names = [getattr(p, 'key', getattr(p, 'name', '')) for p in path]
         return leaf.ndim > 1 and not any(n in NO_DECAY_NAMES for n in names)

@@ -1,6 +1,6 @@
 """What a run writes into its workdir: config.json, metrics.jsonl, TensorBoard, results.json.
 
-Only process 0 writes (STYLE.md section 7); every other process gets a writer that does
+Only process 0 writes (as in big_vision); every other process gets a writer that does
 nothing, so the training loop has no `if process_index == 0` branches. The workdir may be a
 local folder or a gs:// URL (`fileio`).
 """

@@ -1,4 +1,4 @@
-"""The optimizer of the recipe (SPEC.md section 4) with the frozen prefix (SPEC.md section 7).
+"""The optimizer of the recipe (docs/paper.md §4) with the frozen prefix (docs/paper.md §7).
 
 SGD, momentum 0.9, no Nesterov; L2 weight decay 1e-4 added to the gradient (PyTorch's SGD
 `weight_decay`) on >1-D weights of trainable layers only; per-iteration linear warm-up from 0,

@@ -2,7 +2,7 @@
 
 `run` is what `main.py` calls: for a transfer config it first trains (or reuses) the source
 model in `<workdir>/source`, then trains the target stage in `<workdir>` with layers [0, N)
-taken over from the source and frozen (SPEC.md sections 1 and 7).
+taken over from the source and frozen (docs/paper.md §1 and 7).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def initial_state(params, batch_stats, tx, rng) -> TrainState:
 def train_step(state: TrainState, batch: dict, *, model, tx, lr_fn, dtype):
     """One SGD step on a multi-crop batch; pure, reads no config.
 
-    The model runs twice (SPEC.md section 5): on the global crops, then on all local crops, so
+    The model runs twice (docs/paper.md §5): on the global crops, then on all local crops, so
     BatchNorm batch statistics are per resolution and the running statistics are updated by
     both passes in that order. The loss is the mean cross-entropy over every crop.
     """

@@ -120,7 +120,7 @@ def test_num_classes_adds_a_fresh_head_for_full_fine_tuning(tmp_path):
                                                 str(tmp_path), model.layer_names())
     kernel = np.asarray(params['head']['kernel'])
     assert kernel.shape == (128, 5) and np.all(np.isfinite(kernel))
-    assert np.all(np.linalg.norm(kernel, axis=0) > 0)    # never zero (SPEC.md section 3)
+    assert np.all(np.linalg.norm(kernel, axis=0) > 0)    # never zero (docs/paper.md §3)
 
 
 def test_mismatches_stop_the_cli_naming_every_tensor(tmp_path, capsys):

@@ -5,14 +5,14 @@ its docstring says how, meta.json records the reference versions) hold random we
 reduced-width models in the references' names, two uint8 images, and the reference outputs at
 224 px and at the images' 96 px centre crop, computed in float64 in inference mode, with the
 reference's linear classifier replaced by our cosine classifier: the logits and each of the 18
-layer outputs of SPEC.md section 2 (feature maps at 5 x 5 positions spread over the map, borders
+layer outputs of docs/paper.md §2 (feature maps at 5 x 5 positions spread over the map, borders
 included; all channels). No torchvision or timm needed.
 
 Our model, converted with sdtl_jax.convert, runs in float32 and must match every layer output
 within TOLERANCE relative, measured per layer as max |ours - reference| / max |reference|.
 Float32 rounding, which these random deep networks amplify, stays below 3e-5 (ResNet's last
 blocks at 224 px); in float64 the models match to 1e-13 (the fixture script prints both). The
-traps of SPEC.md section 2 fail it from the first layer on: GELU's tanh form by 1.5e-4 to 4e-3,
+traps of docs/paper.md §2 fail it from the first layer on: GELU's tanh form by 1.5e-4 to 4e-3,
 PyTorch-unlike ('SAME') padding on stride-2 convolutions by 0.4 to 2.
 """
 import functools

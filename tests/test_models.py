@@ -30,7 +30,7 @@ NUM_CLASSES = 5
 # num_frozen for the train-step tests: inside a stage for ResNet, after a downsample for TinyViT.
 NUM_FROZEN = {'resnet50': 5, 'tinyvit_5m': 7}
 
-# SPEC.md section 2: ResNet-50 with 100 classes and the bias-free cosine head.
+# docs/paper.md §2: ResNet-50 with 100 classes and the bias-free cosine head.
 RESNET50_LAYER_PARAMS = [9_536, 75_008, 70_400, 70_400, 379_392, 280_064, 280_064, 280_064,
                          1_512_448, 1_117_184, 1_117_184, 1_117_184, 1_117_184, 1_117_184,
                          6_039_552, 4_462_592, 4_462_592, 204_800]
@@ -103,7 +103,7 @@ EXPECTED_SHAPES = {
     ('tinyvit_5m', 32): {'patch_embed': (2, 8, 8, 16), 'stage1_block1': (2, 4, 4, 32),
                          'stage2_block5': (2, 2, 2, 40), 'stage3_block1': (2, 1, 1, 80),
                          'norm': (2, 80)},
-    # SPEC.md section 2: 96 px crops give stage resolutions 24/12/6/3 (windows padded).
+    # docs/paper.md §2: 96 px crops give stage resolutions 24/12/6/3 (windows padded).
     ('tinyvit_5m', 96): {'stage0_mbconv1': (2, 24, 24, 16), 'stage1_block1': (2, 12, 12, 32),
                          'stage2_block5': (2, 6, 6, 40), 'stage3_block1': (2, 3, 3, 80)},
     ('tinyvit_5m', 224): {'stage0_mbconv1': (2, 56, 56, 16), 'stage1_block1': (2, 28, 28, 32),

@@ -1,4 +1,4 @@
-"""The schedule, weight-decay mask and frozen prefix of the optimizer (SPEC.md sections 4, 7)."""
+"""The schedule, weight-decay mask and frozen prefix of the optimizer (docs/paper.md §4, 7)."""
 import math
 
 import jax

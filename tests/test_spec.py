@@ -1,10 +1,11 @@
-"""The numbers of SPEC.md sections 3-6, each read from where the code uses it.
+"""The numbers of docs/paper.md sections 3-6 ("Section N" below), each read from where the
+code uses it.
 
 One test (or parametrized case) per number that no other test already pins by behaviour; the
 others are listed, with the test that pins them, in docs/fidelity.md. Expected values are typed
-here from SPEC.md, never read back from the code: each test fails if the number changes in the
-config defaults or in the code that applies it. Everything runs on stubs, tiny images or the
-optimizer alone, so the file takes seconds.
+here from docs/paper.md, never read back from the code: each test fails if the number changes
+in the config defaults or in the code that applies it. Everything runs on stubs, tiny images or
+the optimizer alone, so the file takes seconds.
 """
 import functools
 import math
@@ -54,7 +55,7 @@ def _l2(x, axis):
 
 @pytest.mark.parametrize('name', ['resnet50', 'tinyvit_5m'])
 def test_cosine_classifier_temperature_is_0_1(name):
-    """SPEC 3: logits = cos(feature, class weight) / tau with tau = 0.1, in the models as built."""
+    """Section 3: logits = cos(feature, class weight) / tau, tau = 0.1, in the models as built."""
     model = models.build({'name': name}, num_classes=7)
     rng = np.random.default_rng(0)
     nhwc = rng.normal(size=(3, 2, 2, 16)).astype(np.float32)    # ResNet's head pools these
@@ -70,7 +71,7 @@ def test_cosine_classifier_temperature_is_0_1(name):
 
 # --- Section 4: the training recipe -------------------------------------------------------------
 
-PAPER = {  # SPEC 4 and 8: global batch per setting and the real training set's size
+PAPER = {  # Section 4 and 8: global batch per setting and the real training set's size
     'imagenet100': dict(global_batch=64, num_train=126_689),
     'pets': dict(global_batch=32, num_train=3_680),
 }
@@ -90,7 +91,7 @@ def _first_update(config, params, layer_names):
 
 
 def test_weight_decay_is_1e_4():
-    """SPEC 4: weight decay 1e-4, PyTorch-style (added to the gradient before momentum)."""
+    """Section 4: weight decay 1e-4, PyTorch-style (added to the gradient before momentum)."""
     params = {'head': {'kernel': jnp.full((4, 3), 3.0)}}
     updates, lr = _first_update(_paper_config('imagenet100'), params, ('head',))
     np.testing.assert_allclose(updates['head']['kernel'], -lr * 1e-4 * 3.0, rtol=1e-6)
@@ -98,7 +99,7 @@ def test_weight_decay_is_1e_4():
 
 @pytest.mark.parametrize('name, num_classes', [('resnet50', 100), ('tinyvit_5m', 37)])
 def test_weight_decay_only_on_multi_dimensional_weights(name, num_classes):
-    """SPEC 4: decay on weights with more than one dimension only: conv/linear kernels and the
+    """Section 4: decay on weights with more than one dimension only: conv/linear kernels and the
     classifier's; no biases, no BN/LN scale or bias, no TinyViT attention biases. Read from the
     optimizer's actual update on the model's own parameter tree (small width, same layers)."""
     model = models.build({'name': name, **config_lib.SMALL_MODELS[name]},
@@ -113,7 +114,7 @@ def test_weight_decay_only_on_multi_dimensional_weights(name, num_classes):
         keys = tuple(p.key for p in path)
         (decayed if np.any(np.asarray(update) != 0) else kept).add(keys)
     leaf_names = {keys[-1] for keys in decayed | kept}
-    # Any new kind of parameter must be placed on one side of SPEC 4's rule, here.
+    # Any new kind of parameter must be placed on one side of section 4's rule, here.
     expected_names = {'kernel', 'scale', 'bias'} | (
         {'attention_biases'} if name == 'tinyvit_5m' else set())
     assert leaf_names == expected_names
@@ -129,7 +130,7 @@ def test_weight_decay_only_on_multi_dimensional_weights(name, num_classes):
 
 
 def _lr_points(global_batch, num_train):
-    """SPEC 4: (iteration, lr) at iterations 0, 1, mid-warm-up, end of warm-up, mid-cosine,
+    """Section 4: (iteration, lr) at iterations 0, 1, mid-warm-up, end of warm-up, mid-cosine,
     last; per-iteration linear warm-up from 0 over 10 of 100 epochs, then
     lr(i) = 1e-6 + 0.5 (base - 1e-6)(1 + cos(pi i / i_max)), base = 0.1 x batch / 256."""
     base, end = 0.1 * global_batch / 256, 1e-6
@@ -154,7 +155,7 @@ def _lr_points(global_batch, num_train):
 @pytest.mark.parametrize('point', ['iteration_0', 'iteration_1', 'mid_warmup', 'end_of_warmup',
                                    'mid_cosine', 'last'])
 def test_learning_rate_schedule(data, point):
-    """SPEC 4: the schedule `optim.make` builds from the paper's config and dataset size."""
+    """Section 4: the schedule `optim.make` builds from the paper's config and dataset size."""
     c = _paper_config(data)
     steps = config_lib.steps(c, PAPER[data]['num_train'])
     _, lr_fn = optim.make(c, {'head': {'kernel': jnp.ones((2, 2))}}, ('head',),
@@ -167,7 +168,7 @@ def test_learning_rate_schedule(data, point):
 
 
 def test_first_updates_follow_the_warmup():
-    """SPEC 4: the optimizer's real steps use the warm-up: nothing moves at iteration 0, then
+    """Section 4: the optimizer's real steps use the warm-up: nothing moves at iteration 0, then
     lr(1) = base / warm-up steps times the momentum buffer (g + 0.9 g)."""
     c = _paper_config('imagenet100')
     steps = config_lib.steps(c, PAPER['imagenet100']['num_train'])
@@ -182,7 +183,7 @@ def test_first_updates_follow_the_warmup():
 
 
 def test_global_batch_tinyvit_pets_is_32():
-    """SPEC 4: global batch 32 for TinyViT-5M / Pets (64 for ResNet-50: test_config.py)."""
+    """Section 4: global batch 32 for TinyViT-5M / Pets (64 for ResNet-50: test_config.py)."""
     c = config_lib.base(data='pets')
     assert c.model.name == 'tinyvit_5m'
     assert config_lib.steps(c, 3_680).per_epoch == 3_680 // 32
@@ -193,7 +194,7 @@ def test_global_batch_tinyvit_pets_is_32():
 
 NUM_DRAWS = 1000         # images through the full multi-crop
 NUM_EXTRA_GLOBAL = 4000  # and through a global-only one, for tighter global probabilities
-CROPS_PER_IMAGE = 9   # SPEC 5: 1 global + 8 local
+CROPS_PER_IMAGE = 9   # Section 5: 1 global + 8 local
 
 
 def _record(image):
@@ -207,7 +208,7 @@ def _paper_multicrop(**sizes):
 
 
 def test_multicrop_counts_and_sizes():
-    """SPEC 5: 1 global crop of 224 and 8 local crops of 96, each with the image's label."""
+    """Section 5: 1 global crop of 224 and 8 local crops of 96, each with the image's label."""
     photo = load_sample_images().images[0]
     out = _paper_multicrop().random_map(_record(photo), np.random.default_rng(0))
     assert out['global'].shape == (1, 224, 224, 3) and out['local'].shape == (8, 96, 96, 3)
@@ -255,7 +256,7 @@ def draws():
 
 @pytest.mark.parametrize('kind, scale', [('global', (0.25, 1.0)), ('local', (0.05, 0.25))])
 def test_multicrop_scale_range(draws, kind, scale):
-    """SPEC 5: RandomResizedCrop scale [0.25, 1] (global), [0.05, 0.25] (local): the range the
+    """Section 5: RandomResizedCrop scale [0.25, 1] (global), [0.05, 0.25] (local): the range the
     transform passes, and the crop areas it really gets (up to rounding to whole pixels)."""
     boxes = draws['boxes'][kind]
     assert {b[0] for b in boxes} == {scale}
@@ -267,7 +268,7 @@ def test_multicrop_scale_range(draws, kind, scale):
 
 @pytest.mark.parametrize('kind', ['global', 'local'])
 def test_multicrop_aspect_ratio_range(draws, kind):
-    """SPEC 5: RandomResizedCrop ratio [3/4, 4/3]."""
+    """Section 5: RandomResizedCrop ratio [3/4, 4/3]."""
     boxes = draws['boxes'][kind]
     assert {b[1] for b in boxes} == {(3 / 4, 4 / 3)}
     ratios = np.array([b[3] for b in boxes])
@@ -276,11 +277,11 @@ def test_multicrop_aspect_ratio_range(draws, kind):
 
 
 def test_multicrop_flip_probability_is_0_5(draws):
-    """SPEC 5: horizontal flip with p 0.5, global and local crops alike."""
+    """Section 5: horizontal flip with p 0.5, global and local crops alike."""
     assert draws['flip_fraction'] == pytest.approx(0.5, abs=0.02)
 
 
-# SPEC 5: (op, crop kind, probability); 5,000 global and 8,000 local draws.
+# Section 5: (op, crop kind, probability); 5,000 global and 8,000 local draws.
 PROBABILITIES = [
     ('jitter', 'global', 0.8), ('jitter', 'local', 0.8),
     ('grayscale', 'global', 0.2), ('grayscale', 'local', 0.2),
@@ -297,7 +298,7 @@ _APPLIED = {
 
 @pytest.mark.parametrize('op, kind, p', PROBABILITIES)
 def test_multicrop_op_probability(draws, op, kind, p):
-    """SPEC 5: each light op's probability per crop kind, measured on the drawn crops (about
+    """Section 5: each light op's probability per crop kind, measured on the drawn crops (about
     four standard deviations of tolerance; 0 means never)."""
     applied = _APPLIED[op](draws['ops'][kind])
     assert len(applied) == (NUM_DRAWS + NUM_EXTRA_GLOBAL if kind == 'global' else 8 * NUM_DRAWS)
@@ -308,7 +309,7 @@ def test_multicrop_op_probability(draws, op, kind, p):
         assert applied.mean() == pytest.approx(p, abs=tolerance)
 
 
-# SPEC 5: ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1): factors drawn
+# Section 5: ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1): factors drawn
 # uniformly from [1 - s, 1 + s] (hue: [-0.1, 0.1]).
 JITTER_RANGES = [('brightness', photometric.BRIGHTNESS, 0.6, 1.4),
                  ('contrast', photometric.CONTRAST, 0.6, 1.4),
@@ -319,7 +320,7 @@ JITTER_RANGES = [('brightness', photometric.BRIGHTNESS, 0.6, 1.4),
 @pytest.mark.parametrize('kind', ['global', 'local'])
 @pytest.mark.parametrize('what, index, lo, hi', JITTER_RANGES, ids=[r[0] for r in JITTER_RANGES])
 def test_color_jitter_strength(draws, kind, what, index, lo, hi):
-    """SPEC 5: the jitter factors of the jittered crops span [lo, hi], uniformly."""
+    """Section 5: the jitter factors of the jittered crops span [lo, hi], uniformly."""
     ops = draws['ops'][kind]
     factors = ops[ops[:, photometric.JITTER] > 0, index]
     span = hi - lo
@@ -332,7 +333,7 @@ def test_color_jitter_strength(draws, kind, what, index, lo, hi):
 
 @pytest.mark.parametrize('kind', ['global', 'local'])
 def test_color_jitter_random_order(draws, kind):
-    """SPEC 5: the four jitter ops in a random order: every one of the 24 orders occurs, about
+    """Section 5: the four jitter ops in a random order: every one of the 24 orders occurs, about
     equally often."""
     ops = draws['ops'][kind]
     orders = ops[ops[:, photometric.JITTER] > 0][:, photometric.ORDER].astype(int)
@@ -343,7 +344,7 @@ def test_color_jitter_random_order(draws, kind):
 
 @pytest.mark.parametrize('kind', ['global', 'local'])
 def test_blur_radius_range(draws, kind):
-    """SPEC 5: Gaussian blur radius U(0.1, 2) (PIL's radius is the Gaussian's std)."""
+    """Section 5: Gaussian blur radius U(0.1, 2) (PIL's radius is the Gaussian's std)."""
     sigmas = draws['ops'][kind][:, photometric.BLUR_SIGMA]
     sigmas = sigmas[sigmas > 0]
     assert sigmas.min() >= 0.1 - 1e-6 and sigmas.max() <= 2.0 + 1e-6
@@ -351,7 +352,7 @@ def test_blur_radius_range(draws, kind):
 
 
 def test_normalisation_uses_imagenet_mean_and_std():
-    """SPEC 5: normalise with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225)."""
+    """Section 5: normalise with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225)."""
     pixels = np.array([[0, 0, 0], [255, 255, 255], [124, 116, 104], [10, 200, 77]], np.uint8)
     want = (pixels / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     np.testing.assert_allclose(normalize.normalize(pixels), want, rtol=1e-6, atol=1e-6)
@@ -373,7 +374,7 @@ class _RecordingModel:
 
 
 def test_two_forward_passes_per_step_global_then_local():
-    """SPEC 5: the model runs twice per step, on the global crops (224) and then on all local
+    """Section 5: the model runs twice per step, on the global crops (224) and then on all local
     crops (96), in train mode, and each pass updates the BN statistics the previous one left.
     (test_train_step.py checks the same against a real BatchNorm network.)"""
     model, b = _RecordingModel(), 2
@@ -395,7 +396,7 @@ def test_two_forward_passes_per_step_global_then_local():
 
 @pytest.mark.parametrize('orientation', ['landscape', 'portrait'])
 def test_eval_resize_256_bilinear_centre_crop_224(orientation):
-    """SPEC 6: shorter side to 256 (bilinear), centre crop 224, with the config's values."""
+    """Section 6: shorter side to 256 (bilinear), centre crop 224, with the config's values."""
     photo = load_sample_images().images[1]                            # 427 x 640
     if orientation == 'portrait':
         photo = np.ascontiguousarray(photo.transpose(1, 0, 2))         # 640 x 427
@@ -420,7 +421,7 @@ class _FixedLogits:
 
 
 def test_eval_counts_top1_and_top5_over_unpadded_images():
-    """SPEC 6: top-1 and top-5 over the real images of a padded batch, on normalised input."""
+    """Section 6: top-1 and top-5 over the real images of a padded batch, on normalised input."""
     # The label (0) ranks 1st, 3rd, 6th, and 1st again in a padding row (mask False).
     ranks = [1, 3, 6, 1]
     logits = np.tile(np.arange(8, 0, -1, dtype=np.float32), (4, 1))   # class k ranks k + 1
@@ -436,7 +437,7 @@ def test_eval_counts_top1_and_top5_over_unpadded_images():
 
 
 def test_results_are_mean_and_std_over_the_last_5_evaluations():
-    """SPEC 6: mean and standard deviation over the last 5 evaluations (the config's
+    """Section 6: mean and standard deviation over the last 5 evaluations (the config's
     eval.last_epochs), as the paper reports; std is the population std (docs/fidelity.md)."""
     c = _paper_config('imagenet100')
     top1 = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0]
@@ -454,7 +455,7 @@ def test_results_are_mean_and_std_over_the_last_5_evaluations():
     (import_imagenet100, 'val', 5_000), (import_pets, 'test', 3_669), (import_pets, 'train', 3_680),
 ])
 def test_split_sizes_the_importers_expect(module, split, count):
-    """SPEC 6 and 8: ImageNet-100 val has 5,000 images, Pets test 3,669 and trainval 3,680; the
+    """Section 6 and 8: ImageNet-100 val has 5,000 images, Pets test 3,669 and trainval 3,680; the
     importers warn when an imported split has another size (test_importers.py checks the
     warning, and ImageNet-100's 126,689 training images)."""
     assert module.EXPECTED[split] == count

@@ -1,4 +1,4 @@
-r"""Synthetic ImageNet-100 as in the paper (SPEC.md section 8): Stable Diffusion 1.4, 50 steps
+r"""Synthetic ImageNet-100 as in the paper (docs/paper.md §8): Stable Diffusion 1.4, 50 steps
 (PNDM, the pipeline's scheduler), guidance 2.0, 512 x 384, prompt "<class>, <definition>",
 1,300 images per class.
 

@@ -1,4 +1,4 @@
-r"""Synthetic Oxford-IIIT Pet (SPEC.md section 8): Stable Diffusion XL base, 100 images per
+r"""Synthetic Oxford-IIIT Pet (docs/paper.md §8): Stable Diffusion XL base, 100 images per
 breed, CLIP's pet template "a photo of a <breed>, a type of pet." (the paper's own prompts are
 not published).
 

@@ -7,7 +7,7 @@ its light-op vector 'global_ops', which the train step applies only where presen
 step is the same for all six. S is `global_size` (224; the demo uses 32), and "resize 256"
 scales with it: R = round(S * 256 / 224).
 
-- `none`: resize the shorter side to R (bilinear), centre crop S: the eval view (SPEC.md 6).
+- `none`: resize the shorter side to R (bilinear), centre crop S: the eval view (docs/paper.md §6).
 - `pytorch`: the PyTorch ImageNet example: RandomResizedCrop(S) with torchvision's defaults
   (scale (0.08, 1), ratio (3/4, 4/3), bilinear, PIL's antialiased resize of the cropped region),
   horizontal flip p 0.5.
@@ -39,7 +39,7 @@ scales with it: R = round(S * 256 / 224).
   `pixmix_num_fractals` (default 256) procedurally drawn IFS fractals of side R
   (`fractals.py`, the stand-in for PixMix's downloaded fractal set), cached in
   `pixmix_cache_dir`. The fractal set always uses seed 0: it is a data set, not run randomness.
-- `multicrop`: `transforms.MultiCrop` (DINO, SPEC.md 5), the project's default.
+- `multicrop`: `transforms.MultiCrop` (DINO, docs/paper.md §5), the project's default.
 
 All randomness comes from the `np.random.Generator` grain passes to `random_map`, so a fixed
 pipeline seed gives the same images whatever the number of threads. torch's random streams

@@ -6,7 +6,7 @@ asks it for every requested (class, index) and stores the images as ArrayRecord 
 `meta` is the provenance, so any image can be regenerated from its record:
 
 - seeds come from `derive_seed(base seed, class, index)`; an image that must be re-sampled
-  (a safety checker blanked it, SPEC.md section 8) takes the seeds of attempts 1, 2, ...
+  (a safety checker blanked it, docs/paper.md §8) takes the seeds of attempts 1, 2, ...
   (`GenerationRequest.seed_for`) and its record holds the seed finally used;
 - the requests are planned into shards of `requests_per_shard` consecutive requests
   (class-major), so shard names and contents are known up front. Worker w of W writes the shards

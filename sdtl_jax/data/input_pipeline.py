@@ -10,7 +10,7 @@ Every epoch is a fresh permutation of the whole split (grain's `shuffle` seeds e
 `shuffle_seed + epoch`; the shuffle seed is hashed from `seed`, so runs with seeds 0 and 1 do not
 see the same orders one epoch apart). Of each epoch's order, the first
 `steps_per_epoch * global_batch` positions are used (the recipe drops the last partial batch,
-SPEC.md section 4) and process p takes positions p, p + P, p + 2P, ...: the processes read
+docs/paper.md §4) and process p takes positions p, p + P, p + 2P, ...: the processes read
 disjoint parts whose union is the epoch, and every process ends each epoch after exactly
 `steps_per_epoch` batches, so epochs line up with steps. Augmentation randomness is drawn from
 (seed, process, position in the stream), so it does not depend on threads or workers.
@@ -50,7 +50,7 @@ def _derive_seed(seed: int, *tags: int) -> int:
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
-    """Full global batches per epoch; the last partial batch is dropped (SPEC.md section 4)."""
+    """Full global batches per epoch; the last partial batch is dropped (docs/paper.md §4)."""
     return num_examples // global_batch
 
 

@@ -1,6 +1,6 @@
 """Normalisation on the device: pipelines ship uint8 images, the jitted step scales them.
 
-Keeping uint8 until the device quarters host-to-device traffic and host work (SPEC.md section 5
+Keeping uint8 until the device quarters host-to-device traffic and host work (docs/paper.md §5
 normalises with the ImageNet statistics).
 """
 

@@ -6,7 +6,7 @@ geometry (crop, resize, flip); the device applies colour jitter, grayscale, blur
 to the whole batch at once (`apply`). On a 2-core CPU the host part is then about 3x cheaper
 (bench/RESULTS.md), and on a GPU the light ops cost next to nothing.
 
-The ops follow torchvision's PIL backend (SPEC.md section 5), as the paper's recipe (DINO,
+The ops follow torchvision's PIL backend (docs/paper.md §5), as the paper's recipe (DINO,
 t-ReX) ran them: ColorJitter's four adjustments in a random order, each a blend with a
 degenerate image as PIL's ImageEnhance does; ITU-R 601 grayscale; Gaussian blur (PIL's
 GaussianBlur(radius) is a Gaussian of std `radius`, edges repeating the border); solarize.

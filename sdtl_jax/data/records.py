@@ -35,7 +35,7 @@ META_FILE = 'meta.json'
 # One record per group: grain reads records at random, and a group is the unit of decompression.
 # Images are compressed already, so zstd on top only costs CPU.
 WRITER_OPTIONS = 'group_size:1,uncompressed'
-DEFAULT_RECORDS_PER_SHARD = 2048  # ImageNet JPEGs average ~110 KB: ~225 MB shards (STYLE.md 6).
+DEFAULT_RECORDS_PER_SHARD = 2048  # ImageNet JPEGs average ~110 KB: ~225 MB shards.
 
 _SHARD_RE = r'-(\d{5})-of-(\d{5})\.array_record$'
 

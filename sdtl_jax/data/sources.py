@@ -5,11 +5,11 @@ see `records.py`). `data_dir` defaults to `$SDTL_DATA_DIR`, else `~/.cache/sdtl_
 
 - `digits_real`, `digits_synth`: the embedded demo (`demo.py`), built on first use, no download.
 - `imagenet100_real`, `imagenet100_synth`: ImageNet-100 (CMC class list). Classes are the wnids
-  in sorted order, the labels an image-folder loader gives (SPEC.md section 8); real and
+  in sorted order, the labels an image-folder loader gives (docs/paper.md §8); real and
   synthetic share them.
 - `pets_real`, `pets_synth`: Oxford-IIIT Pet, 37 breeds in the official label order (classes are
   the official file prefixes, e.g. 'Abyssinian', 'american_bulldog'). Real splits: `train`
-  holds the official trainval list (3,680 images), `test` the test list (SPEC.md section 8);
+  holds the official trainval list (3,680 images), `test` the test list (docs/paper.md §8);
   every training split is called `train`, so one config key serves real and synthetic data.
 
 The real data is imported once from the published files (resumable, bad files listed in

@@ -1,7 +1,7 @@
 """Reduced training sets (Table 6): a seeded random subset of a split, drawn once per workdir.
 
 `data.train_fraction = 1/2^x` keeps fraction * n records (halves rounded up), drawn uniformly
-over the whole split (SPEC.md section 9), or per class with `data.stratified=True` (every class
+over the whole split (docs/paper.md §9), or per class with `data.stratified=True` (every class
 keeps its share; the rounding remainder goes to the classes with the largest fractional parts).
 The draw depends only on (seed, split size, fraction, stratified, labels), so every host and
 every resume computes the same subset. It is stored in the workdir (`train_subset.json`: the

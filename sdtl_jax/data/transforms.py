@@ -1,8 +1,8 @@
 """Decoding and augmentation on the host: NumPy/OpenCV/PIL ops usable as grain transforms.
 
 - `decode_image`: encoded bytes -> RGB uint8 HxWx3, whatever the file's mode.
-- `MultiCrop`: DINO multi-crop (SPEC.md section 5) as a grain `RandomMapTransform`.
-- `EvalTransform`: shorter side to 256 (bilinear), centre crop 224 (SPEC.md section 6).
+- `MultiCrop`: DINO multi-crop (docs/paper.md §5) as a grain `RandomMapTransform`.
+- `EvalTransform`: shorter side to 256 (bilinear), centre crop 224 (docs/paper.md §6).
 
 Outputs stay uint8 and un-normalised: the jitted step normalises on the device, which keeps host
 work and host-to-device transfer small. Randomness comes only from the `np.random.Generator` that
@@ -207,14 +207,14 @@ def resized_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int) -
 
 
 class MultiCrop(grain.transforms.RandomMap):
-    """DINO multi-crop (SPEC.md section 5): `num_global` + `num_local` crops, uint8, and their
+    """DINO multi-crop (docs/paper.md §5): `num_global` + `num_local` crops, uint8, and their
     light ops for the device.
 
     Input: a record (see `record_array`). Output: {'global': uint8[G, S, S, 3], 'global_ops':
     float32[G, photometric.NUM_OPS], 'local': uint8[L, s, s, 3], 'local_ops' (both absent when
     L == 0), 'label': int32}. Per crop: RandomResizedCrop (bicubic) -> flip here, then colour
     jitter (p) -> grayscale (p) -> blur (p) -> solarize (p, global only) in the train step
-    (`photometric.apply`). The SPEC's probabilities are the defaults: blur 0.2 global and
+    (`photometric.apply`). The paper's probabilities are the defaults: blur 0.2 global and
     0.5 local (DINO itself uses 1.0 / 0.1 on its two global crops; the paper's recipe has one).
 
     The host part runs on OpenCV, picked by measurement (bench/RESULTS.md): with PIL, as

@@ -1,4 +1,4 @@
-"""Generation configs: defaults (SPEC.md section 8) and validation, for configs/generate/*.py."""
+"""Generation configs: defaults (docs/paper.md §8) and validation, for configs/generate/*.py."""
 
 from __future__ import annotations
 

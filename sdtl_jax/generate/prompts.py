@@ -1,4 +1,4 @@
-"""Class prompts for generation, from the reference class lists (SPEC.md sections 8 and 9).
+"""Class prompts for generation, from the reference class lists (docs/paper.md §8 and 9).
 
 Templates, by name (FITYMI's prompt families, and CLIP's pet template):
   'c'         "<name>"

@@ -1,6 +1,6 @@
 """Pieces shared by the models: cosine classifier, BatchNorm defaults, exact GELU, padding.
 
-Each default here is a PyTorch-to-Flax trap (SPEC.md section 2): Flax's GELU is the tanh
+Each default here is a PyTorch-to-Flax trap (docs/paper.md §2): Flax's GELU is the tanh
 approximation unless told otherwise, its BatchNorm momentum is the complement of PyTorch's, and
 `padding='SAME'` on a stride-2 convolution pads bottom/right only where PyTorch pads both sides.
 """
@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-NUM_LAYERS = 18  # The layer contract of SPEC.md section 2: both models have exactly 18 layers.
+NUM_LAYERS = 18  # The layer contract of docs/paper.md §2: both models have exactly 18 layers.
 FROZEN_BN = ('inference', 'adapt')
 
 # PyTorch BatchNorm2d defaults: momentum 0.1 in PyTorch's convention is 0.9 in Flax's.
@@ -46,7 +46,7 @@ def batch_norm(*, train: bool, dtype: Any, scale_init: Any = nn.initializers.one
     """BatchNorm with PyTorch's defaults; statistics and parameters stay in float32.
 
     No `axis_name`: under `jit` with a batch sharded over the mesh, the batch statistics are
-    already global (STYLE.md section 4).
+    already global.
     """
     return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                         dtype=dtype, param_dtype=jnp.float32, scale_init=scale_init, name=name)
@@ -64,7 +64,7 @@ def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
 
 
 class CosineClassifier(nn.Module):
-    """Bias-free cosine classifier (SPEC.md section 3): cos(feature, class weight) / tau.
+    """Bias-free cosine classifier (docs/paper.md §3): cos(feature, class weight) / tau.
 
     Features and class weights are both L2-normalised, so logits lie in [-1/tau, 1/tau] and do
     not change when the features are scaled. The kernel has shape (features, num_classes) and a

@@ -5,7 +5,7 @@ the last BatchNorm of a block starts at scale 1 (no zero-init residual) and the 
 use Kaiming normal init (fan_out, ReLU gain). Padding is explicit and symmetric, as PyTorch's,
 so converted torchvision weights give the same outputs.
 
-Layers (SPEC.md section 2), in forward order: `stem` (7x7/2 conv, BN, ReLU, 3x3/2 max-pool),
+Layers (docs/paper.md §2), in forward order: `stem` (7x7/2 conv, BN, ReLU, 3x3/2 max-pool),
 `block00` .. `block15` (bottlenecks, stages of 3, 4, 6, 3), `head` (global average pool and
 the cosine classifier). Sub-module names follow torchvision's (`conv1`, `bn1`, ..., with
 `downsample.0/1` as `downsample_conv/downsample_bn`) so a weight converter maps them by name.

@@ -7,7 +7,7 @@ match it up to PyTorch-to-Flax layout (conv kernels HWIO, dense kernels transpos
 converter maps tensors by name. The qkv projection keeps timm's head-major layout: its output is
 viewed as (heads, [q | k | v]).
 
-Layers (SPEC.md section 2), in forward order (18):
+Layers (docs/paper.md §2), in forward order (18):
   patch_embed; stage0_mbconv0, stage0_mbconv1; stage1_downsample, stage1_block0..1;
   stage2_downsample, stage2_block0..5; stage3_downsample, stage3_block0..1;
   norm (mean pooling over tokens, then LayerNorm); head (cosine classifier).
