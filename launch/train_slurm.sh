@@ -1,40 +1,53 @@
 #!/usr/bin/env bash
-# Submits one sdtl_jax experiment or study to a SLURM GPU cluster: NODES hosts, one task per node
-# that sees all of the node's GPUS, joined by jax.distributed (SDTL_MULTIHOST=1). Task 0's node
-# is the coordinator (JAX_COORDINATOR_ADDRESS = first host of the job's node list); each task
-# gets SDTL_NUM_PROCESSES=$SLURM_NTASKS and SDTL_PROCESS_ID=$SLURM_PROCID.
+# Submits one sdtl_jax experiment or study to a SLURM GPU cluster: --nodes hosts, one task per
+# node that sees the node's --gpus GPUs, joined by jax.distributed (SDTL_MULTIHOST=1). Task 0's
+# node is the coordinator (JAX_COORDINATOR_ADDRESS = first host of the job's node list); each
+# task gets SDTL_NUM_PROCESSES=$SLURM_NTASKS and SDTL_PROCESS_ID=$SLURM_PROCID.
 #
-#   launch/train_slurm.sh [--dry_run [--nodelist=LIST]] [--port=P] NODES GPUS CONFIG WORKDIR \
-#       [more main.py flags ...]
-#   launch/train_slurm.sh 2 8 configs/study/layers.py /shared/sdtl/layers
+#   launch/train_slurm.sh [--dry_run [--nodelist=LIST]] [--port=P] [--nodes=N] --gpus=N \
+#       CONFIG WORKDIR [more main.py flags ...]
+#   launch/train_slurm.sh --nodes=2 --gpus=8 configs/study/layers.py /shared/sdtl/layers
 #
-# WORKDIR must be storage every node sees (a shared filesystem or gs://): Orbax writes one
-# checkpoint from all processes; resubmitting the same job resumes. The job's log goes to
-# WORKDIR/logs (the submit directory for gs://). --port defaults to the one JAX's own SLURM
-# detection derives from the job id (61440 + id % 4096), so jobs sharing a node do not clash.
-# SBATCH_ARGS adds sbatch options (e.g. SBATCH_ARGS="--partition=gpu --time=24:00:00").
+# --gpus=N is the GPUs per node, as in every launcher (required: this host cannot see the
+# nodes'); --nodes defaults to 1. Runs with the repository's .venv (PYTHON overrides), which
+# every node must see at the same path. WORKDIR must be storage every node sees (a shared
+# filesystem or gs://): Orbax writes one checkpoint from all processes; resubmitting the same
+# job resumes. The job's log goes to WORKDIR/logs (the submit directory for gs://). --port
+# defaults to the one JAX's own SLURM detection derives from the job id (61440 + id % 4096), so
+# jobs sharing a node do not clash. SBATCH_ARGS adds sbatch options (e.g.
+# SBATCH_ARGS="--partition=gpu --time=24:00:00").
 # --dry_run prints the sbatch command, the batch script and what each task would run for
-# --nodelist (SLURM syntax, e.g. node[01-02] or a,b; default node[01-NODES]; no scontrol needed)
-# and SLURM_JOB_ID (default 1), instead of submitting.
+# --nodelist (SLURM syntax, e.g. node[01-02] or a,b; default node[01-N]; no scontrol needed)
+# and SLURM_JOB_ID (default 1), instead of submitting; -h, --help prints this help.
 set -euo pipefail
-dry_run=0 nodelist= port=
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
+synopsis() { usage | sed -n '6,7p' >&2; echo "(--help for more)" >&2; }
+dry_run=0 nodelist= port= nodes=1 gpus=
 while [ $# -gt 0 ]; do
   case "$1" in
+    -h|--help) usage; exit 0 ;;
     --dry_run) dry_run=1; shift ;;
     --nodelist=*) nodelist=${1#--nodelist=}; shift ;;
     --port=*) port=${1#--port=}; shift ;;
-    -*) echo "unknown option '$1' (options go before NODES)" >&2; sed -n '7,8p' "$0" >&2; exit 2 ;;
+    --nodes=*) nodes=${1#--nodes=}; shift ;;
+    --gpus=*) gpus=${1#--gpus=}; shift ;;
+    -*) echo "unknown option '$1' (options go before CONFIG)" >&2; synopsis; exit 2 ;;
     *) break ;;
   esac
 done
-if [ $# -lt 4 ]; then
-  sed -n '7,8p' "$0" >&2
+if [ $# -lt 2 ] || [ -z "$gpus" ]; then
+  [ $# -ge 2 ] && echo "--gpus=N (GPUs per node) is required" >&2
+  synopsis
   exit 2
 fi
-nodes=$1 gpus=$2 config=$3 workdir=$4
-shift 4
-for n in "$nodes" "$gpus" ${port:+"$port"}; do
-  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "NODES, GPUS and --port must be positive integers, not '$n'" >&2; exit 2; }
+config=$1 workdir=$2
+shift 2
+root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=launch/common.bash
+source "$root/launch/common.bash"
+check_gpu_count "$gpus" || exit 2
+for n in "$nodes" ${port:+"$port"}; do
+  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "--nodes and --port must be positive integers, not '$n'" >&2; exit 2; }
 done
 case "$workdir" in
   gs://*|/*) ;;
@@ -67,8 +80,7 @@ expand_nodelist() {
   done
 }
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-python=${PYTHON:-$root/.venv/bin/python}
+python=$(repo_python "$root")
 main=$(printf '%q ' "$python" -m sdtl_jax.main "--config=$config" "--workdir=$workdir" "$@")
 main=${main% }
 case "$workdir" in
@@ -95,7 +107,7 @@ submit=${submit% }
 if [ "$dry_run" = 1 ]; then
   mapfile -t hosts < <(expand_nodelist "${nodelist:-node[01-$(printf '%02d' "$nodes")]}")
   if [ "${#hosts[@]}" != "$nodes" ]; then
-    echo "--nodelist=$nodelist has ${#hosts[@]} hosts, not NODES=$nodes" >&2
+    echo "--nodelist=$nodelist has ${#hosts[@]} hosts, not --nodes=$nodes" >&2
     exit 2
   fi
   job=${SLURM_JOB_ID:-1}
