@@ -6,7 +6,7 @@ r"""The benchmark suite (issue 7): train step (ours and PyTorch's), loader, gene
 Runs `bench.train_step_speed` (every model and N, ours and the PyTorch reference, samples/s,
 peak memory, ours / PyTorch), `bench.loader_speed` (decode + multi-crop samples/s per core) and,
 where CUDA is available, `bench.generator_speed` (Stable Diffusion images/s against the naive
-diffusers loop). The train-step flags apply (`--models`, `--num_frozen`, `--batch`, `--no_torch`,
+diffusers loop). The train-step flags apply (`--models`, `--num_frozen`, `--batch`, `--notorch`,
 ...). Prints a summary; `--append` adds it to bench/RESULTS.md as one dated section that names
 the device, the library versions, the commit, the command, the load average at the start and
 the end, and the wall time: on a shared machine a figure means little without how busy the
@@ -15,16 +15,17 @@ machine was (on a 2-core CPU under a load of 4-6 the reduced size took 15-17 min
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
 import subprocess
-import sys
 import time
 from importlib import metadata
 
+from absl import app, flags
+
 from bench import results, step_common, train_step_speed
+from sdtl_jax import cli
 
 NO_GPU = 'no GPU'
 PARTS = ('train_step', 'loader', 'generator')
@@ -46,21 +47,29 @@ def header() -> list[str]:
             f'commit: {_commit()}']
 
 
-def main(argv: list[str] | None = None) -> list[str]:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    train_step_speed.add_arguments(parser)
-    parser.add_argument('--skip', default='', help=f'comma-separated parts of {PARTS}')
-    parser.add_argument('--generator_model', default='CompVis/stable-diffusion-v1-4',
-                        help='hub id or local diffusers folder (GPU only)')
-    parser.add_argument('--append', action='store_true', help='append to bench/RESULTS.md')
-    args = parser.parse_args(argv)
-    skip = set(filter(None, args.skip.split(',')))
-    if skip - set(PARTS):
-        parser.error(f'--skip: unknown parts {sorted(skip - set(PARTS))}; parts are {PARTS}')
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    train_step_speed.define_step_flags(flag_values)
+    flags.adopt_module_key_flags(train_step_speed, flag_values=flag_values)
+    flags.DEFINE_list('skip', [], f'Parts left out, of {", ".join(PARTS)}.',
+                      flag_values=flag_values)
+    flags.DEFINE_string('generator_model', 'CompVis/stable-diffusion-v1-4', 'Hub id or local '
+                        'diffusers folder (GPU only).', flag_values=flag_values)
+    flags.DEFINE_bool('append', False, 'Append to bench/RESULTS.md.', flag_values=flag_values)
+    flags.register_validator('skip', lambda v: set(v) <= set(PARTS),
+                             f'parts are {", ".join(PARTS)}', flag_values=flag_values)
 
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    run(flag_values)
+
+
+def run(args: flags.FlagValues) -> list[str]:
+    """Runs the parts; prints the summary, returns its lines and (--append) records them."""
+    skip = set(args.skip)
     start = time.perf_counter()
-    command = results.command('all', argv)
+    command = results.command('all', args)
     print(f'{datetime.date.today()}: {command}', flush=True)
     lines = header()
     print('\n'.join(lines), flush=True)
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         lines += train_step_speed.run(args)
     if 'loader' not in skip:
         from bench import loader_speed
-        lines += loader_speed.main(LOADER_ARGS[args.full_size])
+        lines += loader_speed.run(cli.parse(loader_speed, LOADER_ARGS[args.full_size]))
     if 'generator' not in skip:
         lines += generator_lines(args)
     lines.append(f'load average at end: {_load()}; wall time '
@@ -76,7 +85,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     print(f'\nsummary, {datetime.date.today()}: {command}\n' + '\n'.join(lines))
     if args.append:
-        results.append('all', lines, argv)
+        results.append('all', lines, args)
     return lines
 
 
@@ -89,8 +98,8 @@ def generator_lines(args) -> list[str]:
         return [line]
     from bench import generator_speed
     try:
-        return generator_speed.main([f'--model={args.generator_model}',
-                                     *GENERATOR_ARGS[args.full_size]])
+        return generator_speed.run(cli.parse(generator_speed, [
+            f'--model={args.generator_model}', *GENERATOR_ARGS[args.full_size]]))
     except Exception as e:   # e.g. no weights, or no CUDA build of torch: the rest still counts
         line = f'generator: failed: {type(e).__name__}: {e}'
         print(line, flush=True)
@@ -128,7 +137,5 @@ def _commit() -> str:
 
 
 if __name__ == '__main__':
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()   # grain's worker processes read absl flags (TRAPS.md)
-    main()
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)   # grain's workers need the flags parsed

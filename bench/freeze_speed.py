@@ -11,15 +11,24 @@ A preset of `bench/train_step_speed.py`, whose flags all apply: ResNet-50 at ful
 N's time per step and its ratio to N = 0; `--append` adds them to bench/RESULTS.md.
 """
 
+from absl import app, flags
+
 from bench import train_step_speed
+from sdtl_jax import cli
 
-PRESET = dict(models='resnet50', num_frozen='0,16', batch=8, global_size=224, num_local=0,
-              light_ops=False, torch=False)
+PRESET = dict(models=['resnet50'], num_frozen=['0', '16'], batch=8, global_size=224,
+              num_local=0, light_ops=False, torch=False)
 
 
-def main(argv=None) -> list[str]:
-    return train_step_speed.main(argv, name='freeze_speed', **PRESET)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    train_step_speed.define_flags(flag_values, **PRESET)
+    flags.adopt_module_key_flags(train_step_speed, flag_values=flag_values)
+
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    train_step_speed.main(argv, flag_values, name='freeze_speed')
 
 
 if __name__ == '__main__':
-    main()
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

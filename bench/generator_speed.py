@@ -16,13 +16,15 @@ figures say nothing about a real model.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import tempfile
 import time
 
+from absl import app, flags
+
 from bench import results
+from sdtl_jax import cli
 from sdtl_jax.data import generator as generator_lib
 from sdtl_jax.data import sources
 from sdtl_jax.generate import diffusion, prompts
@@ -80,25 +82,36 @@ def ours(args, requests, out_dir: str) -> tuple[float, dict]:
     return len(requests) / (time.perf_counter() - start), info
 
 
-def main(argv=None) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--model', default='CompVis/stable-diffusion-v1-4')
-    parser.add_argument('--tiny', action='store_true',
-                        help='a tiny random pipeline instead of --model (CPU smoke run)')
-    parser.add_argument('--width', type=int, default=512)
-    parser.add_argument('--height', type=int, default=384)
-    parser.add_argument('--steps', type=int, default=50)
-    parser.add_argument('--guidance', type=float, default=2.0)
-    parser.add_argument('--images', type=int, default=64, help='images timed, ours')
-    parser.add_argument('--naive_images', type=int, default=8, help='images timed, naive')
-    parser.add_argument('--batch_size', type=int, default=16)
-    parser.add_argument('--dtype', default='auto', choices=diffusion.DTYPES)
-    parser.add_argument('--device', default='auto')
-    parser.add_argument('--compile', default='', help="a torch.compile mode; '' = off")
-    parser.add_argument('--vae_slicing', action='store_true')
-    parser.add_argument('--append', action='store_true', help='append to bench/RESULTS.md')
-    args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    flags.DEFINE_string('model', 'CompVis/stable-diffusion-v1-4', 'Hub id or local diffusers '
+                        'folder.', flag_values=flag_values)
+    flags.DEFINE_bool('tiny', False, 'A tiny random pipeline instead of --model (CPU smoke '
+                      'run).', flag_values=flag_values)
+    for name, value, what in (('width', 512, 'Image width.'), ('height', 384, 'Image height.'),
+                              ('steps', 50, 'Denoising steps.'),
+                              ('images', 64, 'Images timed, ours.'),
+                              ('naive_images', 8, 'Images timed, naive.'),
+                              ('batch_size', 16, 'Batch size, ours.')):
+        flags.DEFINE_integer(name, value, what, lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_float('guidance', 2.0, 'Classifier-free guidance scale.',
+                       flag_values=flag_values)
+    flags.DEFINE_enum('dtype', 'auto', diffusion.DTYPES, 'Weights and compute dtype.',
+                      flag_values=flag_values)
+    flags.DEFINE_string('device', 'auto', 'A torch device.', flag_values=flag_values)
+    flags.DEFINE_string('compile', '', "A torch.compile mode; '' = off.", flag_values=flag_values)
+    flags.DEFINE_bool('vae_slicing', False, 'Decode the batch one image at a time.',
+                      flag_values=flag_values)
+    flags.DEFINE_bool('append', False, 'Append to bench/RESULTS.md.', flag_values=flag_values)
 
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    run(flag_values)
+
+
+def run(args: flags.FlagValues) -> list[str]:
+    """Times both sides; prints the lines, returns them and (--append) records them."""
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             from sdtl_jax.generate import tiny
@@ -120,9 +133,10 @@ def main(argv=None) -> list[str]:
              f'{our_rate:7.3f} images/s ({args.images} images), {our_rate / naive_rate:.2f}x']
     print('\n'.join(lines))
     if args.append:
-        results.append('generator_speed', lines, argv)
+        results.append('generator_speed', lines, args)
     return lines
 
 
 if __name__ == '__main__':
-    main()
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

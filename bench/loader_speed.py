@@ -17,7 +17,6 @@ bench/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import platform
@@ -26,10 +25,11 @@ import tempfile
 import time
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
 from bench import results
-from sdtl_jax import config_lib
+from sdtl_jax import cli, config_lib
 from sdtl_jax.data import input_pipeline, records, sources
 
 
@@ -99,23 +99,41 @@ def device_ops_line(split: sources.DatasetSplit, aug, batch: int) -> str:
             f'of {batch} ({batch / seconds:.0f} samples/s)')
 
 
-def main(argv=None) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def _setting(text: str) -> bool:
+    workers, sep, threads = text.partition(':')
+    return bool(sep) and workers.lstrip('-').isdigit() and threads.isdigit()
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     data = config_lib.base(data='imagenet100').data
     default = f'{data.num_workers}:{data.num_threads}'
-    parser.add_argument('--settings', default=default,
-                        help=f'comma-separated workers:threads pairs (workers -1 = one per '
-                             f'core); the config default is {default}')
-    parser.add_argument('--device_ops', action='store_true',
-                        help='also time the light ops of a batch on the JAX device')
-    parser.add_argument('--data', default='', help='a dataset directory (default: photos)')
-    parser.add_argument('--num_images', type=int, default=512)
-    parser.add_argument('--batch', type=int, default=64)
-    parser.add_argument('--num_batches', type=int, default=8)
-    parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--append', action='store_true', help='append to bench/RESULTS.md')
-    args = parser.parse_args(argv)
+    flags.DEFINE_list('settings', [default], 'workers:threads pairs (workers -1 = one per '
+                      f'core); the config default is {default}.', flag_values=flag_values)
+    flags.DEFINE_bool('device_ops', False, 'Also time the light ops of a batch on the JAX '
+                      'device.', flag_values=flag_values)
+    flags.DEFINE_string('data', '', 'A dataset directory (default: the photos).',
+                        flag_values=flag_values)
+    flags.DEFINE_integer('num_images', 512, 'Photos made.', lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer('batch', 64, 'Batch size.', lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer('num_batches', 8, 'Batches timed per repeat.', lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer('repeats', 5, 'Repeats; the median is reported.', lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_bool('append', False, 'Append to bench/RESULTS.md.', flag_values=flag_values)
+    flags.register_validator('settings', lambda v: all(map(_setting, v)),
+                             'expected workers:threads pairs such as 0:16,2:2',
+                             flag_values=flag_values)
 
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    run(flag_values)
+
+
+def run(args: flags.FlagValues) -> list[str]:
+    """Measures every setting; prints the lines, returns them and (--append) records them."""
     aug = config_lib.base(data='imagenet100').aug      # the paper's multi-crop, 224 + 8 x 96
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +143,7 @@ def main(argv=None) -> list[str]:
                  f'{aug.local_size}, batch {args.batch}, {args.repeats} x {args.num_batches} '
                  f'batches, {cores} CPU cores, {platform.machine()}'
                  f'{_versions()}']
-        for setting in args.settings.split(','):
+        for setting in args.settings:
             workers, threads = (int(x) for x in setting.split(':'))
             rates = samples_per_second(split, aug=aug, num_workers=workers, num_threads=threads,
                                        batch=args.batch, num_batches=args.num_batches,
@@ -141,7 +159,7 @@ def main(argv=None) -> list[str]:
             print(lines[-1], flush=True)
     print(lines[0])
     if args.append:
-        results.append('loader_speed', lines, argv)
+        results.append('loader_speed', lines, args)
     return lines
 
 
@@ -154,7 +172,5 @@ def _versions() -> str:
 
 
 if __name__ == '__main__':
-    from absl import flags
-
-    flags.FLAGS.mark_as_parsed()   # grain's worker processes read absl flags (TRAPS.md)
-    main()
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)   # grain's workers need the flags parsed

@@ -2,19 +2,22 @@
 
 import datetime
 import os
-import sys
+
+from absl import flags
+
+from sdtl_jax import cli
 
 RESULTS = os.path.join(os.path.dirname(__file__), 'RESULTS.md')
 
 
-def command(name: str, argv: list[str] | None = None) -> str:
-    """`python -m bench.<name>` and its arguments (by default this process's), without --append."""
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != '--append']
-    return ' '.join([f'python -m bench.{name}', *args])
+def command(name: str, flag_values: flags.FlagValues) -> str:
+    """`python -m bench.<name>` and the flags it was given (in the order they are defined),
+    without --append."""
+    return ' '.join([f'python -m bench.{name}', *cli.given(flag_values, leave_out=('append',))])
 
 
-def append(name: str, lines: list[str], argv: list[str] | None = None) -> None:
+def append(name: str, lines: list[str], flag_values: flags.FlagValues) -> None:
     """Adds a `### <name>, <date>` entry: the command (without --append) and `lines`."""
     with open(RESULTS, 'a') as f:
         f.write(f'\n### {name}, {datetime.date.today()}\n\n'
-                f'`{command(name, argv)}`\n\n```\n' + '\n'.join(lines) + '\n```\n')
+                f'`{command(name, flag_values)}`\n\n```\n' + '\n'.join(lines) + '\n```\n')

@@ -7,11 +7,11 @@ ratio to N = 0: a frozen prefix must cost no backward pass (`bench/freeze_speed.
 
   python -m bench.train_step_speed                         # reduced CPU size, both models
   python -m bench.train_step_speed --full_size --append    # the paper's size (on a GPU)
-  python -m bench.train_step_speed --models=resnet50 --num_frozen=0,16 --no_torch
+  python -m bench.train_step_speed --models=resnet50 --num_frozen=0,16 --notorch
 
 Ours is the training step itself: `train.train_step` with `optim.make`'s SGD and frozen prefix,
 jitted with the state donated as `train.train_and_evaluate` does, multi-crop's light ops
-included (`--no_light_ops` leaves them out; PyTorch's loader does them on the host). The batch
+included (`--nolight_ops` leaves them out; PyTorch's loader does them on the host). The batch
 is put on the device once: the loader has its own benchmark. Every (framework, model, N) runs in
 a fresh process (`step_common.measure_isolated`). Prints samples/s (a sample is one image with
 all its crops) from the median step time after warm-up, the ratio to N = 0, peak memory (device
@@ -20,16 +20,16 @@ peak on a GPU, max RSS on a CPU) and ours / PyTorch; `--append` adds it to bench
 
 from __future__ import annotations
 
-import argparse
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
 import sdtl_jax
 from bench import results, step_common
-from sdtl_jax import config_lib, models, optim, train
+from sdtl_jax import cli, config_lib, models, optim, train
 
 GIB = 2 ** 30
 
@@ -80,29 +80,49 @@ def time_step(spec: step_common.StepSpec, step, state, batch) -> dict[str, Any]:
             'loss': float(metrics['loss'])}
 
 
-def add_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
-    """The step's flags (shared with `bench.all` and `bench.freeze_speed`)."""
-    parser.add_argument('--full_size', action='store_true',
-                        help="the paper's batch and crops (1 x 224 + 8 x 96), dtype auto "
-                             '(bf16 on a GPU); default: the reduced CPU size')
-    parser.add_argument('--models', default=','.join(step_common.MODELS))
-    parser.add_argument('--num_frozen', default='0,8,16,17', help='comma-separated N')
-    for flag, kind in (('batch', int), ('num_global', int), ('global_size', int),
-                       ('num_local', int), ('local_size', int), ('repeats', int),
-                       ('warmup', int), ('dtype', str)):
-        parser.add_argument(f'--{flag}', type=kind, help='overrides the size preset')
-    parser.add_argument('--small', action='store_true',
-                        help="the models' small variants (config_lib.SMALL_MODELS, same 18 "
-                             'layers): a quick check of the code, not a speed figure')
-    parser.add_argument('--no_light_ops', dest='light_ops', action='store_false',
-                        help="leave multi-crop's light ops out of our step")
-    parser.add_argument('--no_torch', dest='torch', action='store_false',
-                        help='skip the PyTorch reference')
-    parser.set_defaults(**defaults)
+def define_step_flags(flag_values: flags.FlagValues = flags.FLAGS, **defaults) -> None:
+    """The step's flags (shared with `bench.all` and `bench.freeze_speed`, whose `defaults`
+    replace some of their defaults)."""
+    def default(name, value):
+        return defaults.pop(name, value)
+
+    flags.DEFINE_bool('full_size', default('full_size', False), "The paper's batch and crops "
+                      '(1 x 224 + 8 x 96), dtype auto (bf16 on a GPU); default: the reduced CPU '
+                      'size.', flag_values=flag_values)
+    flags.DEFINE_bool('small', default('small', False), "The models' small variants "
+                      '(config_lib.SMALL_MODELS, same 18 layers): a quick check of the code, not '
+                      'a speed figure.', flag_values=flag_values)
+    flags.DEFINE_list('models', default('models', list(step_common.MODELS)),
+                      f'Models, of {", ".join(step_common.MODELS)}.', flag_values=flag_values)
+    flags.DEFINE_list('num_frozen', default('num_frozen', ['0', '8', '16', '17']),
+                      'Frozen prefixes N, each in [0, 18].', flag_values=flag_values)
+    for name in ('batch', 'num_global', 'global_size', 'num_local', 'local_size', 'warmup',
+                 'repeats'):
+        flags.DEFINE_integer(name, default(name, None), 'Overrides the size preset.',
+                             lower_bound=0 if name in ('num_local', 'warmup') else 1,
+                             flag_values=flag_values)
+    flags.DEFINE_string('dtype', default('dtype', None), 'Overrides the size preset: float32, '
+                        'bfloat16 or auto.', flag_values=flag_values)
+    flags.DEFINE_bool('light_ops', default('light_ops', True), "Multi-crop's light ops in our "
+                      'step (--nolight_ops leaves them out).', flag_values=flag_values)
+    flags.DEFINE_bool('torch', default('torch', True), 'Also time the PyTorch reference '
+                      '(--notorch skips it).', flag_values=flag_values)
+    if defaults:
+        raise TypeError(f'not step flags: {sorted(defaults)}')
+    flags.register_validator('models', lambda v: set(v) <= set(step_common.MODELS),
+                             f'models are {", ".join(step_common.MODELS)}',
+                             flag_values=flag_values)
+    flags.register_validator('num_frozen', lambda v: all(n.isdigit() and int(n) <= 18 for n in v),
+                             'each N is an integer in [0, 18]', flag_values=flag_values)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, **defaults) -> None:
+    define_step_flags(flag_values, **defaults)
+    flags.DEFINE_bool('append', False, 'Append to bench/RESULTS.md.', flag_values=flag_values)
 
 
 def specs(args) -> dict[str, list[step_common.StepSpec]]:
-    """{model: [its spec for each N]} from the flags of `add_arguments`."""
+    """{model: [its spec for each N]} from the flags of `define_step_flags`."""
     overrides = {k: getattr(args, k) for k in ('batch', 'num_global', 'global_size', 'num_local',
                                                'local_size', 'repeats', 'warmup', 'dtype')
                  if getattr(args, k) is not None}
@@ -111,8 +131,8 @@ def specs(args) -> dict[str, list[step_common.StepSpec]]:
                         light_ops=args.light_ops,
                         model_kwargs=config_lib.SMALL_MODELS[model] if args.small else {},
                         **overrides)
-                    for n in args.num_frozen.split(',')]
-            for model in args.models.split(',')}
+                    for n in args.num_frozen]
+            for model in args.models}
 
 
 def run(args) -> list[str]:
@@ -172,16 +192,15 @@ def _figures(result: dict[str, Any], base: float | None = None) -> str:
             f'peak {result["peak_bytes"] / GIB:.2f} GiB)')
 
 
-def main(argv=None, *, name: str = 'train_step_speed', **defaults) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    add_arguments(parser, **defaults)
-    parser.add_argument('--append', action='store_true', help='append to bench/RESULTS.md')
-    args = parser.parse_args(argv)
-    lines = run(args)
-    if args.append:
-        results.append(name, lines, argv)
-    return lines
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS, *,
+         name: str = 'train_step_speed') -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    lines = run(flag_values)
+    if flag_values.append:
+        results.append(name, lines, flag_values)
 
 
 if __name__ == '__main__':
-    main()
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -30,7 +30,6 @@ probed layers `<size>:<layer>:rows` / `:cols`), meta.json (library versions, con
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -40,8 +39,9 @@ import numpy as np
 import safetensors.numpy
 import torch
 import torch.nn.functional as F
+from absl import app, flags
 
-from sdtl_jax import convert, models, torch_reference
+from sdtl_jax import cli, convert, models, torch_reference
 from sdtl_jax.data import normalize
 
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -225,13 +225,16 @@ def versions() -> dict[str, str]:
             'python': platform.python_version()}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--full_size', action='store_true',
-                        help='Full-width models, 1000 classes; print the errors, write nothing.')
-    parser.add_argument('--out', default=OUT)
-    args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    flags.DEFINE_bool('full_size', False, 'Full-width models, 1000 classes; print the errors, '
+                      'write nothing.', flag_values=flag_values)
+    flags.DEFINE_string('out', OUT, 'Where the fixtures go.', flag_values=flag_values)
+
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    args = flag_values
 
     torch.manual_seed(SEED)
     rng = np.random.default_rng(SEED)
@@ -272,4 +275,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

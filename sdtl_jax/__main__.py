@@ -1,6 +1,6 @@
-"""`python -m sdtl_jax` is `python -m sdtl_jax.main`."""
-from absl import app
+"""`python -m sdtl_jax` lists the commands, one line each (`sdtl_jax.cli.COMMANDS`)."""
+import sys
 
-from sdtl_jax import main
+from sdtl_jax import cli
 
-app.run(main.main, flags_parser=main.parse_flags)
+sys.exit(cli.main(sys.argv))

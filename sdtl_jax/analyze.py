@@ -37,7 +37,7 @@ import tqdm
 from absl import app, flags, logging
 
 import sdtl_jax
-from sdtl_jax import checkpointing, fileio, metrics_io, models
+from sdtl_jax import checkpointing, cli, fileio, metrics_io, models
 from sdtl_jax.data import input_pipeline, normalize, sources
 
 PROBES = ('logistic', 'ridge')
@@ -474,4 +474,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

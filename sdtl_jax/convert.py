@@ -25,7 +25,6 @@ docs/convert.md has the hub routes (torchvision's URL, `huggingface_hub.hf_hub_d
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import functools
 import itertools
@@ -40,9 +39,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import traverse_util
 
-from sdtl_jax import metrics_io, models
+from sdtl_jax import cli, metrics_io, models
 from sdtl_jax.models import layers
 
 # The reference's linear classifier, whose weight is our `head` kernel.
@@ -293,33 +293,54 @@ def convert(checkpoint: str, out: str, *, model_config: Mapping[str, Any],
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m sdtl_jax.convert', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', required=True, choices=sorted(models.MODELS))
-    parser.add_argument('--checkpoint', required=True, help='A .pth or .safetensors file.')
-    parser.add_argument('--out', required=True, help='Output folder (for transfer.init_from).')
-    parser.add_argument('--model_kwargs', default='{}', type=json.loads,
-                        help='JSON widths of a reduced model, as in the training config: '
-                             '\'{"width": 8}\' or \'{"embed_dims": [16, 32, 40, 80], '
-                             '"num_heads": [1, 2, 2, 4]}\' (default: the full-size model).')
-    head = parser.add_mutually_exclusive_group()
-    head.add_argument('--num_classes', type=int, help='Add a fresh K-class cosine head.')
-    head.add_argument('--keep_classifier', action='store_true',
-                      help="Keep the classifier's weight as the cosine head (its bias is "
-                           'dropped).')
-    args = parser.parse_args(argv)
+def _json_object(text: str) -> bool:
     try:
-        summary = convert(args.checkpoint, args.out,
-                          model_config={'name': args.model, **args.model_kwargs},
-                          num_classes=args.num_classes, keep_classifier=args.keep_classifier)
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    flags.DEFINE_enum('model', None, sorted(models.MODELS), 'The architecture.', required=True,
+                      flag_values=flag_values)
+    flags.DEFINE_string('checkpoint', None, 'A .pth or .safetensors file.', required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_string('out', None, 'Output folder (for transfer.init_from).', required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_string('model_kwargs', '{}', 'JSON widths of a reduced model, as in the '
+                        'training config: \'{"width": 8}\' or \'{"embed_dims": [16, 32, 40, 80], '
+                        '"num_heads": [1, 2, 2, 4]}\' (default: the full-size model).',
+                        flag_values=flag_values)
+    flags.DEFINE_integer('num_classes', None, 'Add a fresh K-class cosine head.', lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_bool('keep_classifier', False, "Keep the classifier's weight as the cosine head "
+                      '(its bias is dropped).', flag_values=flag_values)
+    flags.register_validator('model_kwargs', _json_object, 'must be a JSON object, e.g. '
+                             '\'{"width": 8}\'', flag_values=flag_values)
+    flags.register_multi_flags_validator(
+        ['num_classes', 'keep_classifier'],
+        lambda f: f['num_classes'] is None or not f['keep_classifier'],
+        '--num_classes (a fresh head) and --keep_classifier (the checkpoint\'s) exclude each '
+        'other', flag_values=flag_values)
+
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Exit status 0, or 2 with a `convert: error:` line (a mismatch, a file missing or there)."""
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    f = flag_values
+    try:
+        summary = convert(f.checkpoint, f.out,
+                          model_config={'name': f.model, **json.loads(f.model_kwargs)},
+                          num_classes=f.num_classes, keep_classifier=f.keep_classifier)
     except (ValueError, OSError) as e:   # ConversionError, bad widths, files missing or there
         print(f'convert: error: {e}', file=sys.stderr)
         sys.exit(2)
-    print(f'Wrote {summary["written"]} ({args.model}, head {summary["head"]}; dropped: '
+    print(f'Wrote {summary["written"]} ({f.model}, head {summary["head"]}; dropped: '
           f'{", ".join(summary["dropped"]) or "nothing"}). Train from it with '
-          f'--config.transfer.init_from={args.out}')
+          f'--config.transfer.init_from={f.out}')
 
 
 if __name__ == '__main__':
-    main()
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

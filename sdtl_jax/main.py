@@ -13,6 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sdtl_jax import cli
+
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and results go.',
                     required=True)
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -64,11 +66,12 @@ def main(argv):
 
 
 def parse_flags(argv):
-    """absl's flag parsing, but a `--config.key` that the config lacks is one line naming the
-    closest key and the section's keys: ml_collections raises a bare KeyError or AttributeError
-    from inside absl's parser, which absl shows as a long traceback."""
+    """absl's flag parsing (`cli.parse_flags`: --help exits 0), but a `--config.key` that the
+    config lacks is one line naming the closest key and the section's keys: ml_collections
+    raises a bare KeyError or AttributeError from inside absl's parser, which absl shows as a
+    long traceback."""
     try:
-        return app.parse_flags_with_usage(argv)
+        return cli.parse_flags(argv)
     except (KeyError, AttributeError):
         path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
         if path is None:

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from matplotlib import figure
 
-from sdtl_jax import fileio, metrics_io
+from sdtl_jax import cli, fileio, metrics_io
 from sdtl_jax.data import sources
 
 MANIFEST = 'study.json'
@@ -409,4 +409,4 @@ if __name__ == '__main__':
     # Defined here, not at import: main.py defines --workdir too, and study.py imports this
     # module inside main.py's process.
     flags.DEFINE_string('workdir', None, 'The study workdir (holds study.json).', required=True)
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -13,7 +13,7 @@ import pytest
 
 from bench import all as bench_all
 from bench import results, step_common, train_step_speed
-from sdtl_jax import config_lib, models
+from sdtl_jax import cli, config_lib, models
 
 needs_reference = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ('torchvision', 'timm')),
@@ -101,9 +101,10 @@ def test_all_appends_a_section_with_its_provenance(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_all, 'LOADER_ARGS', {False: [
         '--settings=0:1', '--num_images=8', '--batch=4', '--num_batches=1', '--repeats=1']})
     # The step of the first test, in a child process: a hit in conftest's compilation cache.
+    # (The flags in the order they are defined, the order the section's command lists them.)
     argv = ['--small', '--models=resnet50', f'--num_frozen={NUM_FROZEN}',
             *(f'--{k}={v}' for k, v in TINY.items())]
-    lines = bench_all.main(argv + ['--append'])
+    lines = bench_all.run(cli.parse(bench_all, argv + ['--append']))
 
     text = copy.read_text()
     assert text.startswith(original)   # appended, nothing else touched

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdtl_jax import checkpointing, convert, models
+from sdtl_jax import checkpointing, cli, convert, models
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'fidelity'
 CONFIGS = json.loads((FIXTURES / 'meta.json').read_text())['models']
@@ -87,9 +87,9 @@ def test_microsoft_pth_converts_through_the_cli(tmp_path, capsys):
     checkpoint = tmp_path / 'tiny_vit_5m_1k.pth'
     torch.save(microsoft_layout(fixture_state('tinyvit_5m')), checkpoint)
     widths = {k: v for k, v in TINYVIT.items() if k != 'name'}
-    convert.main(['--model=tinyvit_5m', f'--checkpoint={checkpoint}',
-                  f'--out={tmp_path / "out"}', '--keep_classifier',
-                  f'--model_kwargs={json.dumps(widths)}'])
+    cli.call(convert, ['--model=tinyvit_5m', f'--checkpoint={checkpoint}',
+                       f'--out={tmp_path / "out"}', '--keep_classifier',
+                       f'--model_kwargs={json.dumps(widths)}'])
     assert 'head kept, 10 classes; dropped: nothing' in capsys.readouterr().out
     params, batch_stats, step = checkpointing.load_variables(str(tmp_path / 'out'))
     # The same variables as from timm's layout, classifier included.
@@ -132,8 +132,8 @@ def test_mismatches_stop_the_cli_naming_every_tensor(tmp_path, capsys):
     state['layer5.0.conv1.weight'] = np.zeros((4, 4, 1, 1), np.float32)   # left over
     safetensors.numpy.save_file(state, str(tmp_path / 'bad.safetensors'))
     with pytest.raises(SystemExit) as exit_info:
-        convert.main(['--model=resnet50', f'--checkpoint={tmp_path / "bad.safetensors"}',
-                      f'--out={tmp_path / "out"}', '--model_kwargs={"width": 4}'])
+        cli.call(convert, ['--model=resnet50', f'--checkpoint={tmp_path / "bad.safetensors"}',
+                           f'--out={tmp_path / "out"}', '--model_kwargs={"width": 4}'])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert '(3 problems)' in error

@@ -13,6 +13,7 @@ import scipy.io
 from absl import flags
 from PIL import Image
 
+from sdtl_jax import cli
 from sdtl_jax.data import (
     import_imagenet100,
     import_pets,
@@ -147,15 +148,17 @@ def _expected_imagenet():
 
 def test_imagenet_layouts_agree(imagenet, tmp_path, capsys):
     outs = {name: tmp_path / name for name in imagenet}
-    assert import_imagenet100.main([f'--src={imagenet["folders"]}',
-                                    f'--out={outs["folders"]}']) == 0
-    assert import_imagenet100.main([f'--src={imagenet["devkit"]}', f'--out={outs["devkit"]}']) == 0
-    assert import_imagenet100.main([f'--src={imagenet["kaggle"]}', f'--out={outs["kaggle"]}']) == 0
+    assert cli.call(import_imagenet100, [f'--src={imagenet["folders"]}',
+                                         f'--out={outs["folders"]}']) == 0
+    assert cli.call(import_imagenet100, [f'--src={imagenet["devkit"]}',
+                                         f'--out={outs["devkit"]}']) == 0
+    assert cli.call(import_imagenet100, [f'--src={imagenet["kaggle"]}',
+                                         f'--out={outs["kaggle"]}']) == 0
     tars = imagenet['tars']
-    assert import_imagenet100.main([f'--train_tar={tars}/ILSVRC2012_img_train.tar',
-                                    f'--val_tar={tars}/ILSVRC2012_img_val.tar',
-                                    f'--devkit={tars}/ILSVRC2012_devkit_t12.tar.gz',
-                                    f'--out={outs["tars"]}', '--records_per_shard=2']) == 0
+    assert cli.call(import_imagenet100, [f'--train_tar={tars}/ILSVRC2012_img_train.tar',
+                                         f'--val_tar={tars}/ILSVRC2012_img_val.tar',
+                                         f'--devkit={tars}/ILSVRC2012_devkit_t12.tar.gz',
+                                         f'--out={outs["tars"]}', '--records_per_shard=2']) == 0
     assert 'warning: [imagenet100_real/train] 5 records, the full dataset has 126,689' in (
         capsys.readouterr().err)
     expected = _expected_imagenet()
@@ -182,20 +185,21 @@ def test_imagenet_flat_val_needs_ground_truth(imagenet, tmp_path, capsys):
     src = tmp_path / 'flat'
     for fname in os.listdir(imagenet['devkit'] / 'val'):
         _write(src / 'val' / fname, (imagenet['devkit'] / 'val' / fname).read_bytes())
-    assert import_imagenet100.main([f'--src={src}', f'--out={tmp_path}/out',
-                                    '--splits=val']) == 2
+    assert cli.call(import_imagenet100, [f'--src={src}', f'--out={tmp_path}/out',
+                                         '--splits=val']) == 2
     err = capsys.readouterr().err
     assert '--devkit=ILSVRC2012_devkit_t12.tar.gz' in err and 'LOC_val_solution.csv' in err
     # The devkit's ground truth without meta.mat: the error names the missing file.
     gt = tmp_path / 'gt' / 'ILSVRC2012_validation_ground_truth.txt'
     _write(gt, '1\n')
-    assert import_imagenet100.main([f'--src={src}', f'--val_labels={gt}',
-                                    f'--out={tmp_path}/out', '--splits=val']) == 2
+    assert cli.call(import_imagenet100, [f'--src={src}', f'--val_labels={gt}',
+                                         f'--out={tmp_path}/out', '--splits=val']) == 2
     assert str(tmp_path / 'gt' / 'meta.mat') in capsys.readouterr().err
     # A val file the ground truth does not cover is reported by path.
     _write(src / 'val' / 'ILSVRC2012_val_00000099.JPEG', _jpeg(1))
-    assert import_imagenet100.main([f'--src={src}', f'--out={tmp_path}/out', '--splits=val',
-                                    f'--devkit={imagenet["devkit"]}/ILSVRC2012_devkit_t12']) == 0
+    assert cli.call(import_imagenet100, [
+        f'--src={src}', f'--out={tmp_path}/out', '--splits=val',
+        f'--devkit={imagenet["devkit"]}/ILSVRC2012_devkit_t12']) == 0
     assert _unreadable(tmp_path / 'out', 'val') == {
         str(src / 'val' / 'ILSVRC2012_val_00000099.JPEG'):
             'no ground-truth label for this file name'}
@@ -238,11 +242,11 @@ def pets(tmp_path_factory):
 
 def test_pets_archives_and_folders(pets, tmp_path):
     from_tars, from_folders = tmp_path / 'tars', tmp_path / 'pets_real'
-    assert import_pets.main([f'--src={pets}/tars', f'--out={from_tars}']) == 0
-    assert import_pets.main([f'--src={pets}/folders', f'--out={from_folders}']) == 0
+    assert cli.call(import_pets, [f'--src={pets}/tars', f'--out={from_tars}']) == 0
+    assert cli.call(import_pets, [f'--src={pets}/folders', f'--out={from_folders}']) == 0
     plain = tmp_path / 'plain'
-    assert import_pets.main([f'--images={pets}/plain/images.tar.gz', f'--out={plain}',
-                             f'--annotations={pets}/tars/annotations.tar.gz']) == 0
+    assert cli.call(import_pets, [f'--images={pets}/plain/images.tar.gz', f'--out={plain}',
+                                  f'--annotations={pets}/tars/annotations.tar.gz']) == 0
     assert not os.path.exists(from_tars / import_pets.CACHE_DIR)   # decompressed copy removed
     classes = sources.class_list('pets')
     for split, listed in (('train', PETS['trainval']), ('test', PETS['test'])):
@@ -277,8 +281,8 @@ def test_pets_bad_annotations(pets, tmp_path):
     _write(annotations / 'trainval.txt', _pets_list(lines) + 'Bengal_3 six 1 1\n')
     _write(annotations / 'test.txt', HEADER)
     out = tmp_path / 'out'
-    assert import_pets.main([f'--images={pets}/folders/images', f'--annotations={annotations}',
-                             f'--out={out}']) == 0
+    assert cli.call(import_pets, [f'--images={pets}/folders/images', f'--annotations={annotations}',
+                                  f'--out={out}']) == 0
     trainval = str(annotations / 'trainval.txt')
     assert _unreadable(out, 'train') == {
         f'{trainval}:5': 'class id 0 of Bengal_3 outside 1..37',
@@ -304,8 +308,8 @@ def test_write_arrayrecord(tmp_path):
     _write(src / 'dog' / 'broken.jpg', b'\xff\xd8 not really a jpeg')
     _write(src / 'dog' / '0.json', '{"seed": 5}')
     out = tmp_path / 'out'
-    assert write_arrayrecord.main([f'--src={src}', f'--out={out}', '--split=train',
-                                   '--domain=real']) == 0
+    assert cli.call(write_arrayrecord, [f'--src={src}', f'--out={out}', '--split=train',
+                                        '--domain=real']) == 0
     assert str(src / 'dog' / 'broken.jpg') in _unreadable(out, 'train')
     meta = records.read_meta(out)
     assert meta['name'] == 'out' and meta['classes'] == ['cat', 'dog']
@@ -350,8 +354,8 @@ def test_bad_inputs(tmp_path, capsys):
     for name, data in {**convertible, **unreadable}.items():
         _write(src / 'b' / name, data)
     out = tmp_path / 'out'
-    assert write_arrayrecord.main([f'--src={src}', f'--out={out}', '--split=train',
-                                   '--domain=real']) == 0
+    assert cli.call(write_arrayrecord, [f'--src={src}', f'--out={out}', '--split=train',
+                                        '--domain=real']) == 0
     assert f'{len(unreadable)} unreadable' in capsys.readouterr().out
     listed = _unreadable(out, 'train')
     assert sorted(listed) == sorted(str(src / 'b' / n) for n in unreadable)
@@ -371,8 +375,8 @@ def test_bad_inputs(tmp_path, capsys):
     # Nothing readable: nothing written, and the command fails.
     only_bad = tmp_path / 'bad'
     _write(only_bad / 'x' / 'empty.jpg', b'')
-    assert write_arrayrecord.main([f'--src={only_bad}', f'--out={tmp_path}/o', '--split=train',
-                                   '--domain=real']) == 1
+    assert cli.call(write_arrayrecord, [f'--src={only_bad}', f'--out={tmp_path}/o', '--split=train',
+                                        '--domain=real']) == 1
 
 
 # Resume and re-run.
@@ -507,8 +511,8 @@ def test_tfds(tmp_path):
     })(data_dir=str(tmp_path / 'tfds'), file_format='array_record').download_and_prepare()
 
     pets_out = tmp_path / 'pets_real'
-    assert import_tfds.main(['--name=oxford_iiit_pet', f'--tfds_data_dir={tmp_path}/tfds',
-                             f'--out={pets_out}']) == 0
+    assert cli.call(import_tfds, ['--name=oxford_iiit_pet', f'--tfds_data_dir={tmp_path}/tfds',
+                                  f'--out={pets_out}']) == 0
     got = sorted((r['label'], r['id']) for r in _read_all(pets_out, 'train'))
     assert got == [(0, 'Abyssinian_1.jpg'), (36, 'yorkshire_terrier_2.jpg')]
     assert [r['label'] for r in _read_all(pets_out, 'test')] == [5]

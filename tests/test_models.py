@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from sdtl_jax import models
+from sdtl_jax import cli, models
 from sdtl_jax.models import __main__ as models_main
 from sdtl_jax.models import layers, tiny_vit
 
@@ -291,7 +291,7 @@ def test_build_accepts_config_dict_with_lists():
     ('tinyvit_5m', 37, 5_083_604),
 ])
 def test_main_prints_layers_and_total(name, num_classes, total, capsys):
-    models_main.main([name, f'--num_classes={num_classes}'])
+    cli.call(models_main, [f'--model={name}', f'--num_classes={num_classes}'])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f'total params: {total}'
     assert len(lines) == 1 + 18 + 1

@@ -1,5 +1,7 @@
 """Embedded demo data, made on first use and cached; nothing is downloaded.
 
+  python -m sdtl_jax.data.demo [--data_dir=DIR]    # makes both, prints the linear-probe gap
+
 - `digits_real`: `sklearn.datasets.load_digits()` (1,797 handwritten digits, 8x8, values 0..16),
   split 80/20 into train/val, stratified, seed 0.
 - `digits_synth`: digits rendered from the TrueType fonts that matplotlib ships, with random
@@ -23,8 +25,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 from PIL import Image, ImageDraw, ImageFont
 
+from sdtl_jax import cli
 from sdtl_jax.data import generator as generator_lib
 from sdtl_jax.data import records, sources
 
@@ -283,5 +287,17 @@ def linear_probe_gap(data_dir: str | os.PathLike | None = None) -> dict[str, flo
     return {'synth_to_real': synth, 'real_to_real': real, 'gap': real - synth}
 
 
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    flags.DEFINE_string('data_dir', None, 'Where the demo datasets go (default: '
+                        '$SDTL_DATA_DIR, else ~/.cache/sdtl_jax/data).', flag_values=flag_values)
+
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    print(linear_probe_gap(flag_values.data_dir))
+
+
 if __name__ == '__main__':
-    print(linear_probe_gap())
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -24,7 +24,6 @@ layout, so a tree and the tars give the same records. Output: `--out` (default
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
@@ -33,6 +32,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from absl import app, flags
+
+from sdtl_jax import cli
 from sdtl_jax.data import archives, records, shard_import, sources
 
 NAME = 'imagenet100_real'
@@ -256,28 +258,36 @@ def import_imagenet100(out: str, *, src: str | None = None, train_tar: str | Non
     return summaries
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(
-        description='ImageNet-100 (CMC classes) from an ImageNet-1k folder or the ILSVRC2012 '
-                    'tars -> ArrayRecord shards + meta.json (resumable).')
-    parser.add_argument('--src', help='ImageNet-1k folder holding train/<wnid>/ and val/')
-    parser.add_argument('--train_tar', help='ILSVRC2012_img_train.tar (instead of --src)')
-    parser.add_argument('--val_tar', help='ILSVRC2012_img_val.tar (instead of --src)')
-    parser.add_argument('--devkit', help='ILSVRC2012_devkit_t12.tar.gz or its folder: '
-                                         'ground truth of a flat val set')
-    parser.add_argument('--val_labels', help=f'{KAGGLE_GROUND_TRUTH} (Kaggle) or the devkit\'s '
-                                             f'ILSVRC2012_validation_ground_truth.txt')
-    parser.add_argument('--out', default=os.path.join(sources.default_data_dir(), NAME),
-                        help=f'dataset directory (default: $SDTL_DATA_DIR/{NAME})')
-    parser.add_argument('--splits', default='train,val', help='comma-separated: train,val')
-    shard_import.add_writer_flags(parser)
-    args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    for name, help_ in (
+            ('src', 'ImageNet-1k folder holding train/<wnid>/ and val/.'),
+            ('train_tar', 'ILSVRC2012_img_train.tar (instead of --src).'),
+            ('val_tar', 'ILSVRC2012_img_val.tar (instead of --src).'),
+            ('devkit', 'ILSVRC2012_devkit_t12.tar.gz or its folder: ground truth of a flat val '
+                       'set.'),
+            ('val_labels', f"{KAGGLE_GROUND_TRUTH} (Kaggle) or the devkit's "
+                           'ILSVRC2012_validation_ground_truth.txt.')):
+        flags.DEFINE_string(name, None, help_, flag_values=flag_values)
+    flags.DEFINE_string('out', os.path.join(sources.default_data_dir(), NAME),
+                        f'Dataset directory (default: $SDTL_DATA_DIR/{NAME}).',
+                        flag_values=flag_values)
+    flags.DEFINE_list('splits', ['train', 'val'], 'Splits to write: train, val.',
+                      flag_values=flag_values)
+    shard_import.define_writer_flags(flag_values)
+    flags.adopt_module_key_flags(shard_import, flag_values=flag_values)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+    """Exit status: `shard_import.run_command`'s."""
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    f = flag_values
     return shard_import.run_command(lambda: import_imagenet100(
-        args.out, src=args.src, train_tar=args.train_tar, val_tar=args.val_tar,
-        devkit=args.devkit, val_labels=args.val_labels, splits=args.splits.split(','),
-        records_per_shard=args.records_per_shard, num_threads=args.num_threads))
+        f.out, src=f.src, train_tar=f.train_tar, val_tar=f.val_tar, devkit=f.devkit,
+        val_labels=f.val_labels, splits=f.splits, records_per_shard=f.records_per_shard,
+        num_threads=f.num_threads))
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -17,13 +17,14 @@ and the unreadable-file lists.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from typing import Any
 
+from absl import app, flags
+
+from sdtl_jax import cli
 from sdtl_jax.data import archives, records, shard_import, sources
 
 NAME = 'pets_real'
@@ -150,26 +151,32 @@ def import_pets(out: str, *, src: str | None = None, images: str | None = None,
     return summaries
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(
-        description='Oxford-IIIT Pet (official images.tar.gz + annotations.tar.gz, or their '
-                    'folders) -> ArrayRecord shards + meta.json (resumable).')
-    parser.add_argument('--src', help='folder holding images.tar.gz and annotations.tar.gz, or '
-                                      'images/ and annotations/')
-    parser.add_argument('--images', help='images.tar.gz or the images/ folder (overrides --src)')
-    parser.add_argument('--annotations', help='annotations.tar.gz or the annotations/ folder')
-    parser.add_argument('--out', default=os.path.join(sources.default_data_dir(), NAME),
-                        help=f'dataset directory (default: $SDTL_DATA_DIR/{NAME})')
-    parser.add_argument('--splits', default='train,test',
-                        help='comma-separated; train = the official trainval list')
-    shard_import.add_writer_flags(parser)
-    args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    flags.DEFINE_string('src', None, 'Folder holding images.tar.gz and annotations.tar.gz, or '
+                        'images/ and annotations/.', flag_values=flag_values)
+    flags.DEFINE_string('images', None, 'images.tar.gz or the images/ folder (overrides --src).',
+                        flag_values=flag_values)
+    flags.DEFINE_string('annotations', None, 'annotations.tar.gz or the annotations/ folder.',
+                        flag_values=flag_values)
+    flags.DEFINE_string('out', os.path.join(sources.default_data_dir(), NAME),
+                        f'Dataset directory (default: $SDTL_DATA_DIR/{NAME}).',
+                        flag_values=flag_values)
+    flags.DEFINE_list('splits', ['train', 'test'], 'Splits to write; train = the official '
+                      'trainval list.', flag_values=flag_values)
+    shard_import.define_writer_flags(flag_values)
+    flags.adopt_module_key_flags(shard_import, flag_values=flag_values)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+    """Exit status: `shard_import.run_command`'s."""
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    f = flag_values
     return shard_import.run_command(lambda: import_pets(
-        args.out, src=args.src, images=args.images, annotations=args.annotations,
-        splits=args.splits.split(','), records_per_shard=args.records_per_shard,
-        num_threads=args.num_threads))
+        f.out, src=f.src, images=f.images, annotations=f.annotations, splits=f.splits,
+        records_per_shard=f.records_per_shard, num_threads=f.num_threads))
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -19,15 +19,15 @@ ImageNet `<wnid>/<file name>`, as `import_imagenet100` names them), else
 
 from __future__ import annotations
 
-import argparse
 import collections.abc
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 
+from sdtl_jax import cli
 from sdtl_jax.data import import_imagenet100, import_pets, records, shard_import, sources
 
 # TFDS name -> (registry name, {TFDS split: our split}).
@@ -167,32 +167,36 @@ def import_tfds(name: str, out: str | None = None, *, tfds_data_dir: str | None 
     return summaries
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(
-        description='A TFDS dataset prepared as array_record -> ArrayRecord shards + meta.json '
-                    '(resumable; needs tensorflow-datasets, not TensorFlow).')
-    parser.add_argument('--name', required=True,
-                        help=f'TFDS name, e.g. {", ".join(KNOWN)}')
-    parser.add_argument('--tfds_data_dir', default=None,
-                        help='TFDS data_dir (default: TFDS\'s, ~/tensorflow_datasets)')
-    parser.add_argument('--dataset', default=None,
-                        help='output dataset name (default: pets_real for oxford_iiit_pet, '
-                             'imagenet100_real for imagenet2012, else the TFDS name)')
-    parser.add_argument('--out', default=None,
-                        help='dataset directory (default: $SDTL_DATA_DIR/<dataset>)')
-    parser.add_argument('--splits', default=None,
-                        help='comma-separated tfds_split:split, e.g. train:train,validation:val '
-                             '(default: the known mapping, else every TFDS split as is)')
-    shard_import.add_writer_flags(parser)
-    args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    flags.DEFINE_string('name', None, f'TFDS name, e.g. {", ".join(KNOWN)}.', required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_string('tfds_data_dir', None, "TFDS data_dir (default: TFDS's, "
+                        '~/tensorflow_datasets).', flag_values=flag_values)
+    flags.DEFINE_string('dataset', None, 'Output dataset name (default: pets_real for '
+                        'oxford_iiit_pet, imagenet100_real for imagenet2012, else the TFDS '
+                        'name).', flag_values=flag_values)
+    flags.DEFINE_string('out', None, 'Dataset directory (default: $SDTL_DATA_DIR/<dataset>).',
+                        flag_values=flag_values)
+    flags.DEFINE_list('splits', None, 'tfds_split:split pairs, e.g. train:train,validation:val '
+                      '(default: the known mapping, else every TFDS split as is).',
+                      flag_values=flag_values)
+    shard_import.define_writer_flags(flag_values)
+    flags.adopt_module_key_flags(shard_import, flag_values=flag_values)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+    """Exit status: `shard_import.run_command`'s."""
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    f = flag_values
     splits = None
-    if args.splits:
-        splits = dict(s.split(':', 1) if ':' in s else (s, s) for s in args.splits.split(','))
+    if f.splits:
+        splits = dict(s.split(':', 1) if ':' in s else (s, s) for s in f.splits)
     return shard_import.run_command(lambda: import_tfds(
-        args.name, args.out, tfds_data_dir=args.tfds_data_dir, dataset=args.dataset,
-        splits=splits, records_per_shard=args.records_per_shard, num_threads=args.num_threads))
+        f.name, f.out, tfds_data_dir=f.tfds_data_dir, dataset=f.dataset, splits=splits,
+        records_per_shard=f.records_per_shard, num_threads=f.num_threads))
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -23,7 +23,6 @@ purpose (e.g. TFDS records of classes outside the list) are counted in the summa
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import hashlib
@@ -36,9 +35,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import tqdm
+from absl import flags
 from PIL import Image
 
-from sdtl_jax.data import archives, records, transforms
+from sdtl_jax.data import archives, records
 
 PROGRESS_VERSION = 1
 
@@ -71,6 +71,9 @@ def checked_image(data: bytes, source: str) -> bytes:
     else is decoded through `transforms.decode_pil` (the training pipeline's conversion) and
     re-encoded as PNG.
     """
+    # Imported here: it imports grain and JAX, which an importer's --help should not wait for.
+    from sdtl_jax.data import transforms
+
     if not data:
         raise ValueError(f'{source}: empty file (0 bytes)')
     pil = transforms.decode_pil(data, source)   # full decode: catches truncated files
@@ -323,13 +326,14 @@ def warn_count(name: str, split: str, got: int, expected: int) -> None:
               file=sys.stderr, flush=True)
 
 
-def add_writer_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags every importer shares: --records_per_shard, --num_threads."""
-    parser.add_argument('--records_per_shard', type=int,
-                        default=records.DEFAULT_RECORDS_PER_SHARD,
-                        help='input images per shard (%(default)s: ~225 MB of ImageNet JPEGs)')
-    parser.add_argument('--num_threads', type=int, default=8,
-                        help='threads that read and check images (%(default)s)')
+def define_writer_flags(flag_values: flags.FlagValues) -> None:
+    """The flags every importer shares: --records_per_shard, --num_threads. An importer adopts
+    them as its key flags (`flags.adopt_module_key_flags`), so that its --help shows them."""
+    flags.DEFINE_integer('records_per_shard', records.DEFAULT_RECORDS_PER_SHARD,
+                         'Input images per shard (the default is ~225 MB of ImageNet JPEGs).',
+                         lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer('num_threads', 8, 'Threads that read and check images.', lower_bound=1,
+                         flag_values=flag_values)
 
 
 def run_command(write: Callable[[], Sequence[Mapping[str, Any]]]) -> int:

@@ -18,13 +18,15 @@ that do not decode listed in `<out>/<split>_unreadable.txt` (nothing is skipped 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from absl import app, flags
+
+from sdtl_jax import cli
 from sdtl_jax.data import records, shard_import, sources
 
 
@@ -112,24 +114,31 @@ def convert(src: str, out: str, *, split: str, domain: str, name: str | None = N
     return {**summary, 'classes': classes, 'hidden_skipped': hidden}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(
-        description='Image folder (one sub-folder per class) -> ArrayRecord shards + meta.json')
-    parser.add_argument('--src', required=True, help='image folder, one sub-folder per class')
-    parser.add_argument('--out', required=True, help='dataset directory, <data_dir>/<name>')
-    parser.add_argument('--split', required=True,
-                        help='train, val or test (Pets: train = the official trainval)')
-    parser.add_argument('--domain', required=True, choices=records.DOMAINS)
-    parser.add_argument('--name', default=None,
-                        help=f'dataset name (default: basename of --out); registered: '
-                             f'{", ".join(sorted(sources.DATASETS))}')
-    shard_import.add_writer_flags(parser)
-    args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    flags.DEFINE_string('src', None, 'Image folder, one sub-folder per class.', required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_string('out', None, 'Dataset directory, <data_dir>/<name>.', required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_string('split', None, 'train, val or test (Pets: train = the official '
+                        'trainval).', required=True, flag_values=flag_values)
+    flags.DEFINE_enum('domain', None, records.DOMAINS, 'What the images are.', required=True,
+                      flag_values=flag_values)
+    flags.DEFINE_string('name', None, 'Dataset name (default: basename of --out); registered: '
+                        f'{", ".join(sorted(sources.DATASETS))}.', flag_values=flag_values)
+    shard_import.define_writer_flags(flag_values)
+    flags.adopt_module_key_flags(shard_import, flag_values=flag_values)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+    """Exit status: `shard_import.run_command`'s."""
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    f = flag_values
     return shard_import.run_command(lambda: [convert(
-        args.src, args.out, split=args.split, domain=args.domain, name=args.name,
-        records_per_shard=args.records_per_shard, num_threads=args.num_threads)])
+        f.src, f.out, split=f.split, domain=f.domain, name=f.name,
+        records_per_shard=f.records_per_shard, num_threads=f.num_threads)])
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

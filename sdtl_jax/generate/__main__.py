@@ -20,6 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sdtl_jax import cli
+
 flags.DEFINE_string('outdir', None, 'The dataset directory, e.g. $SDTL_DATA_DIR/imagenet100_synth.',
                     required=True)
 config_flags.DEFINE_config_file('config', None, 'Generation config file.', lock_config=True)
@@ -115,4 +117,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

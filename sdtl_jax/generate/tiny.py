@@ -1,9 +1,11 @@
 """Tiny, randomly initialised Stable Diffusion pipelines, written to a local directory.
 
+  python -m sdtl_jax.generate.tiny --out=/tmp/tiny_sd [--sdxl]
+
 They have the real pipelines' classes and diffusers' directory layout (model_index.json, one
 folder per component), so every code path of the generator runs on them offline and in seconds
 on a CPU: tests, the generator benchmark's CPU smoke run, and users without the weights.
-`python -m sdtl_jax.generate.tiny DIR [--sdxl]` writes one. Their images are coloured noise.
+Their images are coloured noise.
 
 The tokenizer is written here too (no hub): a byte-level CLIP BPE vocabulary with every byte
 as a token, with and without the end-of-word mark, so any prompt tokenizes.
@@ -13,7 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+
+from absl import app, flags
+
+from sdtl_jax import cli
 
 
 def _byte_chars() -> list[str]:
@@ -138,14 +143,21 @@ def write_tiny_sdxl(path: str, *, seed: int = 0) -> str:
     return path
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) not in (2, 3) or (len(argv) == 3 and argv[2] != '--sdxl'):
-        print('usage: python -m sdtl_jax.generate.tiny DIR [--sdxl]', file=sys.stderr)
-        return 2
-    (write_tiny_sdxl if len(argv) == 3 else write_tiny_sd)(argv[1])
-    print(f'wrote a tiny random {"SDXL" if len(argv) == 3 else "SD"} pipeline to {argv[1]}')
-    return 0
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    flags.DEFINE_string('out', None, 'The pipeline directory to write.', required=True,
+                        flag_values=flag_values)
+    flags.DEFINE_bool('sdxl', False, 'An SDXL pipeline (default: Stable Diffusion 1.x).',
+                      flag_values=flag_values)
+
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    (write_tiny_sdxl if flag_values.sdxl else write_tiny_sd)(flag_values.out)
+    print(f'wrote a tiny random {"SDXL" if flag_values.sdxl else "SD"} pipeline to '
+          f'{flag_values.out}')
 
 
 if __name__ == '__main__':
-    sys.exit(main(sys.argv))
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,34 +1,38 @@
 """Prints a model's 18 layers and their parameter counts, from shapes only (no real init).
 
-  python -m sdtl_jax.models resnet50 --num_classes=100     # total params: 23712832
-  python -m sdtl_jax.models tinyvit_5m --num_classes=37    # total params: 5083604
+  python -m sdtl_jax.models --model=resnet50 --num_classes=100     # total params: 23712832
+  python -m sdtl_jax.models --model=tinyvit_5m --num_classes=37    # total params: 5083604
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 
 import jax
+from absl import app, flags
 
-from sdtl_jax import models
+from sdtl_jax import cli, models
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    flags.DEFINE_enum('model', None, sorted(models.MODELS), 'The model.', required=True,
+                      flag_values=flag_values)
+    flags.DEFINE_integer('num_classes', 1000, 'Classes of its head.', lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer('image_size', 224, 'Input size in pixels.', lower_bound=1,
+                         flag_values=flag_values)
 
 
 def count(tree) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog='python -m sdtl_jax.models', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('name', choices=sorted(models.MODELS))
-    parser.add_argument('--num_classes', type=int, default=1000)
-    parser.add_argument('--image_size', type=int, default=224)
-    args = parser.parse_args(argv)
-
-    model = models.build({'name': args.name}, num_classes=args.num_classes)
-    shapes = jax.eval_shape(functools.partial(models.init, model, 0, args.image_size))
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    model = models.build({'name': flag_values.model}, num_classes=flag_values.num_classes)
+    shapes = jax.eval_shape(functools.partial(models.init, model, 0, flag_values.image_size))
     params = shapes['params']
     print(f'{"layer":>5}  {"name":<18} {"params":>10}')
     for i, name in enumerate(model.layer_names()):
@@ -37,4 +41,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)
