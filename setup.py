@@ -1,6 +1,8 @@
 """sdtl_jax: synthetic-to-real transfer learning for vision in JAX/Flax.
 
-Lower bounds here; `requirements-lock.txt` pins the versions CI installs, as big_vision does.
+Lower bounds here; `requirements-lock.txt` pins the versions CI installs, as big_vision does, and
+`scripts/setup.sh` installs them with the machine's torch build (CPU, CUDA or none). Python >= 3.11:
+the lock's jax, numpy, scipy, flax, orbax and grain require it.
 """
 import setuptools
 
@@ -29,11 +31,12 @@ TFDS = ['tensorflow-datasets>=4.9.9', 'importlib_resources>=6.0']
 # gs:// workdirs (sdtl_jax/fileio.py); Orbax and tensorboardX bring their own GCS clients.
 GCS = ['gcsfs>=2024.6']
 # tests/test_gcs.py runs a gs:// workdir against a local GCS emulator.
-TEST = ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6', 'gcp-storage-emulator>=2026.7', *GCS]
+TEST = ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6', 'gcp-storage-emulator>=2026.7', *GCS,
+        'nbclient>=0.10', 'ipykernel>=6.29']   # tests/test_notebooks.py: notebooks in a kernel
 # The PyTorch reference models (sdtl_jax/torch_reference.py): fidelity fixtures and the
-# benchmark's reference step only; tests read committed fixtures instead. With the CPU build of
-# torch, PyPI's torchvision (a CUDA build) breaks transformers' and diffusers' imports (its
-# operators do not load): install this extra in a separate venv there, not beside [generate].
+# benchmark's reference step only; tests read committed fixtures instead. torchvision must be the
+# build of the installed torch: PyPI's is a CUDA build whose operators do not load beside CPU torch
+# (breaking transformers' and diffusers' imports). scripts/setup.sh takes it from PyTorch's index.
 REFERENCE = ['torch>=2.13', 'torchvision==0.28.0', 'timm>=1.0']
 
 setuptools.setup(
@@ -42,7 +45,7 @@ setuptools.setup(
     description='Synthetic-to-real transfer learning for vision (Hennicke et al., 2024)',
     packages=setuptools.find_packages(include=['sdtl_jax', 'sdtl_jax.*']),
     package_data={'sdtl_jax': ['reference/*.json']},
-    python_requires='>=3.10',
+    python_requires='>=3.11',
     install_requires=CORE,
     extras_require={
         'generate': GENERATE,
@@ -51,6 +54,6 @@ setuptools.setup(
         'tfds': TFDS,
         'gcs': GCS,
         'tpu': ['jax[tpu]>=0.10', *GCS],
-        'gpu': ['jax[cuda12]>=0.10'],
+        'gpu': ['jax[cuda13]>=0.10'],   # NVIDIA driver >= 580; jax[cuda12] for older ones
     },
 )

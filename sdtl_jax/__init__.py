@@ -5,6 +5,9 @@ Between Synthetic and Real Data in Generative Foundation Models" (NeurIPS 2024 w
 """
 
 __version__ = '0.1.0'
+# Where the repository lives: the notebooks' first cell clones it in Colab, and the README's
+# "Open in Colab" links and CITATION.cff point there (tests check each copy against this line).
+REPOSITORY_URL = 'https://github.com/sdtl-jax/sdtl_jax'
 
 
 def use_compilation_cache() -> None:

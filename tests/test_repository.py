@@ -5,6 +5,8 @@ import subprocess
 
 import yaml
 
+import sdtl_jax
+
 ROOT = pathlib.Path(__file__).parent.parent
 # Notes kept beside a checkout (a parent folder's reference material, style guide) are not the
 # repository's: a reader of a clone has only docs/.
@@ -44,6 +46,7 @@ def test_license_and_citation():
     assert 'Apache License' in (ROOT / 'LICENSE').read_text()
     citation = yaml.safe_load((ROOT / 'CITATION.cff').read_text())
     assert citation['cff-version'] == '1.2.0' and citation['license'] == 'Apache-2.0'
+    assert citation['repository-code'] == sdtl_jax.REPOSITORY_URL
     paper = citation['preferred-citation']
     assert paper['title'].startswith('Investigating the Role of Fine-Tuning')
     assert [a['family-names'] for a in paper['authors']][0] == 'Hennicke'
