@@ -43,6 +43,7 @@ setuptools.setup(
     name='sdtl_jax',
     version='0.1.0',
     description='Synthetic-to-real transfer learning for vision (Hennicke et al., 2024)',
+    license='Apache-2.0',
     packages=setuptools.find_packages(include=['sdtl_jax', 'sdtl_jax.*']),
     package_data={'sdtl_jax': ['reference/*.json']},
     python_requires='>=3.11',
