@@ -60,9 +60,11 @@ class NotAStudyError(FileNotFoundError):
 
 
 def fit_log2(divisors: Sequence[float], top1: Sequence[float]) -> tuple[float, float]:
-    """Figure 3's fit: least squares, top-1 = a * log2(divisor) + b. Returns (a, b)."""
+    """Figure 3's fit: least squares, top-1 = a * log2(divisor) + b. Returns (a, b), rounded
+    to 9 decimals: the solver's last bits differ between CPUs (BLAS kernels), and on Table 6a the
+    exact slope is -2.225, so unrounded it printed -2.23 on one machine and -2.22 on another."""
     a, b = np.polyfit(np.log2(np.asarray(divisors, dtype=float)), np.asarray(top1, float), 1)
-    return float(a), float(b)
+    return round(float(a), 9), round(float(b), 9)
 
 
 def load_study(workdir: str) -> tuple[dict[str, Any], dict[str, dict[str, Any] | None]]:
