@@ -17,11 +17,11 @@
 # exited. The log is copied to WORKDIR/logs/worker-<i>.log every SDTL_LOG_SYNC_S seconds (300)
 # and at the end, with the exit status as WORKDIR/logs/worker-<i>.exit_status (i: the
 # worker's number from the metadata server, or SDTL_WORKER_ID). The checkout is ~/sdtl_jax
-# (SDTL_REPO). SDTL_DRY_RUN=1 prints the commands of prepare and start instead of running them
-# (setup.sh prints its own).
+# (SDTL_CHECKOUT). SDTL_DRY_RUN=1 prints the commands of prepare and start instead of running
+# them (setup.sh prints its own).
 set -euo pipefail
 self=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
-repo=${SDTL_REPO:-$HOME/sdtl_jax}
+repo=${SDTL_CHECKOUT:-$HOME/sdtl_jax}
 rundir=${SDTL_RUN_DIR:-$HOME/sdtl_run}
 dry_run=${SDTL_DRY_RUN:-0}
 

@@ -628,7 +628,7 @@ def test_tpu_worker_runs_detached_and_keeps_the_exit_status(tmp_path):
         'echo "done"; exit 3\n')
     (venv / 'python').chmod(0o755)
     bin_dir = _fake_bin(tmp_path, gcloud=f'echo "$*" >> {tmp_path}/gcloud.log\n')
-    env = {**os.environ, 'HOME': str(tmp_path), 'SDTL_REPO': str(tmp_path / 'repo'),
+    env = {**os.environ, 'HOME': str(tmp_path), 'SDTL_CHECKOUT': str(tmp_path / 'repo'),
            'SDTL_WORKER_ID': '2', 'SDTL_LOG_SYNC_S': '3600',
            'PATH': f'{bin_dir}:{os.environ["PATH"]}'}
 
@@ -691,7 +691,7 @@ def test_tpu_worker_sets_up_a_new_python_on_a_tpu_image(tmp_path):
             'sys.version = \'3.10.12 (main) [GCC 11.4.0]\'\n$2"); shift 2\n'
             f'  else args+=("$1"); shift; fi\ndone\nexec {sys.executable} "${{args[@]}}"\n')}
     bin_dir = _fake_bin(tmp_path, **fake)
-    env = {'HOME': str(tmp_path), 'SDTL_REPO': str(repo), 'SDTL_DRY_RUN': '1',
+    env = {'HOME': str(tmp_path), 'SDTL_CHECKOUT': str(repo), 'SDTL_DRY_RUN': '1',
            'PATH': f'{bin_dir}:{_no_python_path(tmp_path)}'}
 
     def prepare():
