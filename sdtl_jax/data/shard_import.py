@@ -41,6 +41,13 @@ from PIL import Image
 from sdtl_jax.data import archives, records
 
 PROGRESS_VERSION = 1
+# Images above this many pixels get a warning line at import. PIL's own limit
+# (Image.MAX_IMAGE_PIXELS' default), whose DecompressionBombWarning `transforms.decode_pil`
+# silences, so the line takes its place and says what training does; PIL refuses twice as many
+# (listed as unreadable). Even decoded at 1/8, a JPEG that size costs about 0.5 s a training
+# visit (multi-crop, one core), some 200 ImageNet-size images; ordinary camera photos stay
+# below, so imports of photo collections stay quiet.
+LARGE_IMAGE_PIXELS = 89_478_485
 
 
 class Item(NamedTuple):
@@ -81,11 +88,25 @@ def checked_image(data: bytes, source: str) -> bytes:
         fmt, mode = image.format, image.mode
     # PNG byte 24 is the IHDR bit depth; PIL shows 16-bit RGB PNGs as mode 'RGB'.
     keep = mode == 'RGB' and (fmt in ('JPEG', 'MPO') or (fmt == 'PNG' and data[24] == 8))
-    if keep:
-        return data
-    buf = io.BytesIO()
-    pil.save(buf, format='PNG')
-    return buf.getvalue()
+    if not keep:
+        buf = io.BytesIO()
+        pil.save(buf, format='PNG')
+        data = buf.getvalue()
+    if pil.width * pil.height > LARGE_IMAGE_PIXELS:
+        _warn_large(source, pil.size, transforms.jpeg_size(data) is not None)
+    return data
+
+
+def _warn_large(source: str, size: tuple[int, int], scalable: bool) -> None:
+    """One stderr line (above the progress bar) about an image over LARGE_IMAGE_PIXELS."""
+    what = ('training decodes this JPEG at 1/2 to 1/8 scale (as far as its crops allow), and '
+            'a visit still costs as much as some 200 ImageNet-size images: downscale it if '
+            'that matters' if scalable else
+            'training decodes it in full at every visit (seconds each): downscale it, or '
+            'store it as a plain 8-bit RGB JPEG, which training decodes at reduced scale')
+    tqdm.tqdm.write(f'warning: {source}: {size[0]} x {size[1]} pixels '
+                    f'({size[0] * size[1] / 1e6:.1f} MP, over {LARGE_IMAGE_PIXELS / 1e6:.1f} '
+                    f'MP); {what}', file=sys.stderr)
 
 
 def load_item(item: Item) -> Example:

@@ -1,6 +1,7 @@
 """Decoding and augmentation on the host: NumPy/OpenCV/PIL ops usable as grain transforms.
 
 - `decode_image`: encoded bytes -> RGB uint8 HxWx3, whatever the file's mode.
+- `decode_jpeg`: a JPEG at 1/2, 1/4 or 1/8 of its size, for crops far smaller than the image.
 - `MultiCrop`: DINO multi-crop (docs/paper.md §5) as a grain `RandomMapTransform`.
 - `EvalTransform`: shorter side to 256 (bilinear), centre crop 224 (docs/paper.md §6).
 
@@ -12,8 +13,10 @@ seed gives the same crops whatever the number of threads.
 The ops follow torchvision's PIL backend, which the reference (DINO, t-ReX) used, down to
 RandomResizedCrop's 10-attempt sampling. Multi-crop's light ops (jitter, grayscale, blur,
 solarize) run on the device (`photometric.py`); its crops are resized with OpenCV, and JPEGs
-decode with OpenCV's libjpeg-turbo, bit-identical to PIL. Every decoding error is a
-`CorruptRecordError` that names the record.
+decode with OpenCV's libjpeg-turbo, bit-identical to PIL. A JPEG far larger than its crops
+decodes at reduced scale (libjpeg's DCT scaling) instead, its crops within a grey level of
+those of the full decode (`reduction_factor`): a 10,000 x 10,000 JPEG costs a tenth of a second
+a visit, not many seconds. Every decoding error is a `CorruptRecordError` that names the record.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import cv2
@@ -37,6 +40,18 @@ _BILINEAR = Image.Resampling.BILINEAR
 # cores on every small image.
 cv2.setNumThreads(1)
 _CV2_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION  # PIL ignores EXIF rotation too
+# A reduced decode serves a crop whose box, reduced, is at least this many times its output side.
+# Measured on 4000 x 3000 photo collages (quality 90) against crops of the full decode: mean
+# absolute differences of 0.6-0.8 grey levels at 2 (the resampler itself is 0.7 from PIL's),
+# 0.9-1.3 at 1.5, up to 2.8 at 1. libjpeg's scaled inverse DCT low-passes almost ideally, so
+# the reduced image is sharper than a blurred full one, and the margin lets the Gaussian
+# pre-filter that follows dominate.
+_MIN_ROOM = 2
+# The same at 1/2, 1/4, 1/8 scale: OpenCV's IMREAD_REDUCED_COLOR_* flags carry IMREAD_COLOR
+# (BGR), which it refuses together with IMREAD_COLOR_RGB, so the GRAYSCALE ones give the scale.
+_CV2_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2 | _CV2_FLAGS,
+                      4: cv2.IMREAD_REDUCED_GRAYSCALE_4 | _CV2_FLAGS,
+                      8: cv2.IMREAD_REDUCED_GRAYSCALE_8 | _CV2_FLAGS}
 # Start-of-frame markers of every JPEG coding process (not DHT C4, JPG C8, DAC CC).
 _JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
                        0xCF))
@@ -80,24 +95,34 @@ def decode_pil(data: bytes, record_id: str = '?') -> Image.Image:
                                  f'{type(e).__name__}: {e}') from e
 
 
-def _plain_jpeg(data: bytes) -> bool:
-    """True for a complete 8-bit JPEG with 1 or 3 components: OpenCV decodes those exactly as
-    PIL does. CMYK, 12-bit and truncated files (no end-of-image marker; OpenCV would return a
-    half-grey image instead of failing) go through PIL."""
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from the frame header of a complete 8-bit JPEG with 1 or 3 components,
+    else None. OpenCV decodes those exactly as PIL does, also at reduced scale (`decode_jpeg`).
+    CMYK, 12-bit and truncated files (no end-of-image marker; OpenCV would return a half-grey
+    image instead of failing) go through PIL, and so do files whose header leaves the height
+    to a later DNL marker (height 0)."""
     if data[:2] != b'\xff\xd8' or not data.rstrip(b'\x00\r\n ').endswith(b'\xff\xd9'):
-        return False
+        return None
     pos = 2
     while pos + 10 <= len(data):
         if data[pos] != 0xFF:
-            return False
+            return None
         marker = data[pos + 1]
         if marker == 0xFF:          # fill byte
             pos += 1
             continue
         if marker in _JPEG_SOF:
-            return data[pos + 4] == 8 and data[pos + 9] in (1, 3)
+            height = int.from_bytes(data[pos + 5:pos + 7], 'big')
+            width = int.from_bytes(data[pos + 7:pos + 9], 'big')
+            plain = data[pos + 4] == 8 and data[pos + 9] in (1, 3) and height and width
+            return (height, width) if plain else None
         pos += 2 + int.from_bytes(data[pos + 2:pos + 4], 'big')
-    return False
+    return None
+
+
+def _plain_jpeg(data: bytes) -> bool:
+    """Whether OpenCV decodes `data` (see `jpeg_size`)."""
+    return jpeg_size(data) is not None
 
 
 def decode_image(data: bytes, record_id: str = '?') -> np.ndarray:
@@ -107,6 +132,36 @@ def decode_image(data: bytes, record_id: str = '?') -> np.ndarray:
         if image is not None:
             return image
     return np.asarray(decode_pil(data, record_id))
+
+
+def decode_jpeg(data: bytes, size: tuple[int, int], factor: int,
+                record_id: str = '?') -> np.ndarray:
+    """A JPEG whose `jpeg_size` is `size` (height, width), decoded at 1/`factor` of each side
+    (1, 2, 4 or 8) by libjpeg's DCT scaling: RGB uint8 [ceil(H / f), ceil(W / f), 3], pixel i
+    covering the full image's pixels [i f, (i + 1) f). The scaled inverse DCT skips most of
+    the decoding work (a 10,000 x 10,000 JPEG: 0.65 s at full size, 0.08 s at 1/8)."""
+    if factor == 1:
+        image = decode_image(data, record_id)
+    else:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_REDUCED_FLAGS[factor])
+    # Crop boxes are drawn from the header's size before decoding: a file that decodes to
+    # another size would put them in the wrong place.
+    expected = (-(-size[0] // factor), -(-size[1] // factor), 3)
+    if image is None or image.shape != expected:
+        found = 'nothing' if image is None else f'{image.shape[1]} x {image.shape[0]}'
+        raise CorruptRecordError(
+            f'Cannot decode the image of record {record_id!r}: its JPEG header says '
+            f'{size[1]} x {size[0]} pixels, and decoding it at 1/{factor} scale gave {found} '
+            f'(expected {expected[1]} x {expected[0]}); re-encode the file')
+    return image
+
+
+def reduction_factor(crops: Iterable[tuple[int, int, int]]) -> int:
+    """The largest JPEG DCT scaling factor (8, 4, 2, else 1) that every crop of one decode can
+    take: each (box height, box width, output side) box still spans at least `_MIN_ROOM` times
+    its output side along both axes once reduced."""
+    room = min(min(h, w) / side for h, w, side in crops) / _MIN_ROOM
+    return next((f for f in (8, 4, 2) if room >= f), 1)
 
 
 def _locate(element: Any) -> tuple[dict[str, Any], str]:
@@ -129,23 +184,34 @@ def _locate(element: Any) -> tuple[dict[str, Any], str]:
     return element, name
 
 
+def _record_source(element: Any) -> tuple[Any, int, str]:
+    """(the image as the record stores it: encoded bytes or an array, label, name for errors)."""
+    element, name = _locate(element)
+    return element['image'], int(element['label']), name
+
+
+def _pil(stored: Any, name: str) -> Image.Image:
+    if isinstance(stored, (bytes, bytearray)):
+        return decode_pil(stored, name)
+    return _to_rgb(Image.fromarray(np.asarray(stored)))
+
+
+def _array(stored: Any, name: str) -> np.ndarray:
+    if isinstance(stored, (bytes, bytearray)):
+        return decode_image(stored, name)
+    return np.asarray(_to_rgb(Image.fromarray(np.asarray(stored))))
+
+
+def _scalable_size(stored: Any) -> tuple[int, int] | None:
+    """(height, width) of a stored image that `decode_jpeg` can decode at reduced scale."""
+    return jpeg_size(stored) if isinstance(stored, (bytes, bytearray)) else None
+
+
 def record_image(element: Any) -> tuple[Image.Image, int]:
     """(RGB PIL image, label) from raw record bytes, a `records.decode_record` dict, or the
     reader's {'record': bytes, 'where': location} (`input_pipeline`)."""
-    element, name = _locate(element)
-    image = element['image']
-    if isinstance(image, (bytes, bytearray)):
-        return decode_pil(image, name), int(element['label'])
-    return _to_rgb(Image.fromarray(np.asarray(image))), int(element['label'])
-
-
-def record_array(element: Any) -> tuple[np.ndarray, int]:
-    """(RGB uint8 [H, W, 3], label), as `record_image`, by the fastest exact decoder."""
-    element, name = _locate(element)
-    image = element['image']
-    if isinstance(image, (bytes, bytearray)):
-        return decode_image(image, name), int(element['label'])
-    return np.asarray(_to_rgb(Image.fromarray(np.asarray(image)))), int(element['label'])
+    stored, label, name = _record_source(element)
+    return _pil(stored, name), label
 
 
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
@@ -182,7 +248,20 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
 _ANTIALIAS_SIGMA = 0.45
 
 
-def resized_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+def _antialias(region: np.ndarray, scale_y: float, scale_x: float,
+               factor: int = 1) -> np.ndarray:
+    """The Gaussian pre-filter before a downscale by (scale_y, scale_x) pixels of the full
+    image per output pixel, on a region decoded at 1/factor scale; see `resized_crop`."""
+    if scale_x <= 1.05 and scale_y <= 1.05:
+        return region
+    sigma_x = _ANTIALIAS_SIGMA * math.sqrt(max(scale_x * scale_x - 1, 0.0)) / factor or 1e-3
+    sigma_y = _ANTIALIAS_SIGMA * math.sqrt(max(scale_y * scale_y - 1, 0.0)) / factor or 1e-3
+    return cv2.GaussianBlur(region, (0, 0), sigmaX=sigma_x, sigmaY=sigma_y,
+                            borderType=cv2.BORDER_REPLICATE)
+
+
+def resized_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int,
+                 factor: int = 1) -> np.ndarray:
     """The (top, left, h, w) box of an HxWx3 uint8 image, resized to size x size (bicubic).
 
     torchvision's PIL backend crops, then resizes with a bicubic kernel (a = -0.5) that it
@@ -192,25 +271,48 @@ def resized_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int) -
     kernel when downscaling. Upscaling tiny regions by 2x or more (images far below the crop
     size, like the demo's 8x8 digits) makes the two kernels' ringing differ visibly (the demo
     measured 70% vs 79% top-1), so there PIL does it, at next to no cost on such small images.
+
+    `factor` > 1: `image` is the `decode_jpeg` of the full image at 1/factor scale and `box`
+    stays in the full image's pixels, which keeps the crop's geometry exact: the box becomes
+    fractional coordinates of the reduced image, resampled there (`reduction_factor` keeps
+    that a downscale).
     """
+    if factor > 1:
+        return _reduced_resized_crop(image, box, size, factor)
     top, left, h, w = box
     region = image[top:top + h, left:left + w]
     if 2 * max(h, w) <= size:
         return np.asarray(Image.fromarray(region).resize((size, size), _BICUBIC))
-    scale_y, scale_x = h / size, w / size
-    if scale_x > 1.05 or scale_y > 1.05:
-        sigma_x = _ANTIALIAS_SIGMA * math.sqrt(max(scale_x * scale_x - 1, 0.0)) or 1e-3
-        sigma_y = _ANTIALIAS_SIGMA * math.sqrt(max(scale_y * scale_y - 1, 0.0)) or 1e-3
-        region = cv2.GaussianBlur(region, (0, 0), sigmaX=sigma_x, sigmaY=sigma_y,
-                                  borderType=cv2.BORDER_REPLICATE)
+    region = _antialias(region, h / size, w / size)
     return cv2.resize(region, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def _reduced_resized_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int,
+                          factor: int) -> np.ndarray:
+    """`resized_crop` of a full-image box from a decode at 1/factor scale."""
+    top, left, h, w = (v / factor for v in box)
+    # The reduced pixels the box touches; like `resized_crop`, nothing outside the box is
+    # filtered in: the blur and the resampling repeat the edge pixels.
+    row, col = int(top), int(left)
+    region = image[row:math.ceil(top + h), col:math.ceil(left + w)]
+    # The full decode's blur, in reduced pixels: the scaled inverse DCT hardly smooths
+    # (see _MIN_ROOM), so the same Gaussian is still what the resampling needs.
+    region = _antialias(region, box[2] / size, box[3] / size, factor)
+    scale_y, scale_x = h / size, w / size
+    # Output pixel x samples the region at left - col + (x + 0.5) scale_x - 0.5, the mapping
+    # of cv2.resize with the box's fractional offset added (likewise for y).
+    to_region = np.array([[scale_x, 0.0, left - col + 0.5 * scale_x - 0.5],
+                          [0.0, scale_y, top - row + 0.5 * scale_y - 0.5]])
+    return cv2.warpAffine(region, to_region, (size, size),
+                          flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
 
 
 class MultiCrop(grain.transforms.RandomMap):
     """DINO multi-crop (docs/paper.md §5): `num_global` + `num_local` crops, uint8, and their
     light ops for the device.
 
-    Input: a record (see `record_array`). Output: {'global': uint8[G, S, S, 3], 'global_ops':
+    Input: a record (see `record_image`). Output: {'global': uint8[G, S, S, 3], 'global_ops':
     float32[G, photometric.NUM_OPS], 'local': uint8[L, s, s, 3], 'local_ops' (both absent when
     L == 0), 'label': int32}. Per crop: RandomResizedCrop (bicubic) -> flip here, then colour
     jitter (p) -> grayscale (p) -> blur (p) -> solarize (p, global only) in the train step
@@ -219,6 +321,15 @@ class MultiCrop(grain.transforms.RandomMap):
 
     The host part runs on OpenCV, picked by measurement (bench/RESULTS.md): with PIL, as
     torchvision, all nine crops took about 10 ms per ImageNet-size image on this CPU.
+
+    A JPEG is decoded once for all its crops, at the largest DCT scale-down that every crop
+    box allows (`reduction_factor`): the boxes are drawn first, from the size in its header,
+    with the same random draws as from the decoded image. One decode rather than one per crop
+    size: the entropy decoding, which no scaling skips, keeps a reduced decode of a photo at
+    40-60% of a full one (4000 x 3000: 31 ms at 1/8, 46 ms at 1/2, 79 ms in full), more than
+    the local crops would save from a smaller image (eight of them: 33 ms from 1/2, 6 ms
+    from 1/4). Large images reach 1/8 for every crop (from a square side of about 8,300 px
+    for 224 + 96 at the paper's scales); ImageNet-size images stay at full scale.
     """
 
     def __init__(self, global_size: int = 224, local_size: int = 96, num_global: int = 1,
@@ -245,40 +356,58 @@ class MultiCrop(grain.transforms.RandomMap):
         self.local_ops = dict(ops, blur_p=local_blur_p, solarize_p=local_solarize_p)
         photometric.sample(np.random.default_rng(0), **self.global_ops)  # checks the args
 
-    def crop(self, image: np.ndarray, rng: np.random.Generator, *, size: int,
-             scale: tuple[float, float], ops: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """One crop of an RGB uint8 image, uint8 [size, size, 3], and its light ops."""
-        box = random_resized_crop_box(image.shape[0], image.shape[1], scale, self.ratio, rng)
-        out = resized_crop(image, box, size)
-        if rng.random() < self.flip_p:
-            out = cv2.flip(out, 1)
-        return out, photometric.sample(rng, **ops)
+    def draw(self, height: int, width: int, rng: np.random.Generator, *,
+             scale: tuple[float, float], ops: dict[str, Any]
+             ) -> tuple[tuple[int, int, int, int], bool, np.ndarray]:
+        """One crop's randomness, in torchvision's order: its box in a height x width image,
+        whether it is flipped, its light ops."""
+        box = random_resized_crop_box(height, width, scale, self.ratio, rng)
+        return box, bool(rng.random() < self.flip_p), photometric.sample(rng, **ops)
 
-    def _crops(self, image, rng, count, size, scale, ops):
-        crops, crop_ops = zip(*(self.crop(image, rng, size=size, scale=scale, ops=ops)
-                                for _ in range(count)))
-        return np.stack(crops), np.stack(crop_ops)
+    def crop(self, image: np.ndarray, box: tuple[int, int, int, int], flip: bool, size: int,
+             factor: int = 1) -> np.ndarray:
+        """One crop, uint8 [size, size, 3], of an RGB uint8 image decoded at 1/factor scale."""
+        out = resized_crop(image, box, size, factor)
+        return cv2.flip(out, 1) if flip else out
 
     def random_map(self, element: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Crops one record."""
-        image, label = record_array(element)
-        out = {}
-        out['global'], out['global_ops'] = self._crops(
-            image, rng, self.num_global, self.global_size, self.global_scale, self.global_ops)
+        stored, label, name = _record_source(element)
+        image, size = None, _scalable_size(stored)
+        if size is None:
+            image = _array(stored, name)
+            size = image.shape[:2]
+        kinds = [('global', self.num_global, self.global_size, self.global_scale,
+                  self.global_ops)]
         if self.num_local:
-            out['local'], out['local_ops'] = self._crops(
-                image, rng, self.num_local, self.local_size, self.local_scale, self.local_ops)
+            kinds.append(('local', self.num_local, self.local_size, self.local_scale,
+                          self.local_ops))
+        draws = {kind: [self.draw(*size, rng, scale=scale, ops=ops) for _ in range(count)]
+                 for kind, count, _, scale, ops in kinds}
+        factor = 1
+        if image is None:
+            factor = reduction_factor((box[2], box[3], side)
+                                      for kind, _, side, _, _ in kinds
+                                      for box, _, _ in draws[kind])
+            image = decode_jpeg(stored, size, factor, name)
+        out = {}
+        for kind, _, side, _, _ in kinds:
+            out[kind] = np.stack([self.crop(image, box, flip, side, factor)
+                                  for box, flip, _ in draws[kind]])
+            out[f'{kind}_ops'] = np.stack([ops for _, _, ops in draws[kind]])
         out['label'] = np.int32(label)
         return out
+
+
+def _shorter_to(w: int, h: int, size: int) -> tuple[int, int]:
+    """torchvision Resize(int)'s output (width, height) for a w x h image."""
+    return (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
 
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:
     """torchvision Resize(int): shorter side to `size`, longer side truncated, bilinear."""
     w, h = image.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
+    new_w, new_h = _shorter_to(w, h, size)
     if (new_w, new_h) == (w, h):
         return image
     return image.resize((new_w, new_h), _BILINEAR)
@@ -296,15 +425,31 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 class EvalTransform(grain.transforms.Map):
-    """Shorter side to `resize` (bilinear), centre crop `crop`: {'image': uint8, 'label'}."""
+    """Shorter side to `resize` (bilinear), centre crop `crop`: {'image': uint8, 'label'}.
+
+    A JPEG whose shorter side is at least 4 x `resize` is decoded at the largest DCT
+    scale-down that keeps it at least `_MIN_ROOM` x `resize` (`reduction_factor`), then
+    resized from there to the size the full image gets, over the same area: the full image's
+    exact extent in the reduced one, whose last row and column may stand for fewer than
+    `factor` pixels.
+    """
 
     def __init__(self, resize: int = 256, crop: int = 224):
         self.resize, self.crop = int(resize), int(crop)
 
     def map(self, element: Any) -> dict[str, np.ndarray]:
         """Transforms one record."""
-        image, label = record_image(element)
-        image = center_crop(resize_shorter(image, self.resize), self.crop)
+        stored, label, name = _record_source(element)
+        size = _scalable_size(stored)
+        factor = reduction_factor([(*size, self.resize)]) if size else 1
+        if factor > 1:
+            height, width = size
+            image = Image.fromarray(decode_jpeg(stored, size, factor, name)).resize(
+                _shorter_to(width, height, self.resize), _BILINEAR,
+                box=(0, 0, width / factor, height / factor))
+        else:
+            image = resize_shorter(_pil(stored, name), self.resize)
+        image = center_crop(image, self.crop)
         return {'image': np.asarray(image, dtype=np.uint8), 'label': np.int32(label)}
 
 
