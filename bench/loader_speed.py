@@ -12,7 +12,8 @@ The images are real photos (the two that scikit-learn ships), cut and resized at
 380-430 x 330-370 px and stored as an ArrayRecord dataset in a temporary directory; `--data`
 reads a dataset directory of your own instead. One sample is one image with all its crops.
 Prints the median over repeats of samples/s, per core and in all; `--append` adds them to
-bench/RESULTS.md.
+bench/RESULTS.md. `--large_jpeg` also times one 10,000 x 10,000 JPEG (goal: under 1 s a visit;
+the loader decodes it at reduced scale, `transforms.reduction_factor`).
 """
 
 from __future__ import annotations
@@ -99,6 +100,34 @@ def device_ops_line(split: sources.DatasetSplit, aug, batch: int) -> str:
             f'of {batch} ({batch / seconds:.0f} samples/s)')
 
 
+def large_jpeg_line(side: int = 10_000, visits: int = 3) -> str:
+    """Median seconds of a multi-crop visit and of an evaluation visit of one side x side JPEG
+    (smooth colours, quality 90), in this process."""
+    import cv2
+
+    from sdtl_jax.data import transforms
+
+    small = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    image = cv2.resize(small, (side, side), interpolation=cv2.INTER_CUBIC)
+    ok, encoded = cv2.imencode('.jpg', image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    del image
+    record = records.encode_record(encoded.tobytes(), 0, 'large')
+    multicrop, evaluation = transforms.MultiCrop(), transforms.EvalTransform()
+
+    def seconds(fn) -> float:
+        times = []
+        for i in range(visits):
+            start = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    crop_s = seconds(lambda i: multicrop.random_map(record, np.random.default_rng(i)))
+    eval_s = seconds(lambda i: evaluation.map(record))
+    return (f'  one {side:,} x {side:,} JPEG ({len(encoded) / 2**20:.1f} MB): {crop_s:.2f} s '
+            f'per multi-crop visit, {eval_s:.2f} s per evaluation visit (median of {visits})')
+
+
 def _setting(text: str) -> bool:
     workers, sep, threads = text.partition(':')
     return bool(sep) and workers.lstrip('-').isdigit() and threads.isdigit()
@@ -111,6 +140,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       f'core); the config default is {default}.', flag_values=flag_values)
     flags.DEFINE_bool('device_ops', False, 'Also time the light ops of a batch on the JAX '
                       'device.', flag_values=flag_values)
+    flags.DEFINE_bool('large_jpeg', False, 'Also time a visit of one 10,000 x 10,000 JPEG.',
+                      flag_values=flag_values)
     flags.DEFINE_string('data', '', 'A dataset directory (default: the photos).',
                         flag_values=flag_values)
     flags.DEFINE_integer('num_images', 512, 'Photos made.', lower_bound=1,
@@ -156,6 +187,9 @@ def run(args: flags.FlagValues) -> list[str]:
             print(lines[-1], flush=True)
         if args.device_ops:
             lines.append(device_ops_line(split, aug, args.batch))
+            print(lines[-1], flush=True)
+        if args.large_jpeg:
+            lines.append(large_jpeg_line())
             print(lines[-1], flush=True)
     print(lines[0])
     if args.append:

@@ -9,6 +9,7 @@ over `shard_import.LARGE_IMAGE_PIXELS` get a warning line at import.
 """
 
 import io
+import re
 
 import cv2
 import numpy as np
@@ -215,3 +216,12 @@ def test_import_warns_about_large_images(tmp_path, monkeypatch, capsys):
         f'warning: {big}.png: 1300 x 1000 pixels (1.3 MP, over 1.2 MP); training decodes it '
         'in full at every visit (seconds each): downscale it, or store it as a plain 8-bit '
         'RGB JPEG, which training decodes at reduced scale']
+
+
+def test_loader_benchmark_times_a_large_jpeg():
+    from bench import loader_speed
+
+    line = loader_speed.large_jpeg_line(side=3000, visits=1)
+    match = re.fullmatch(r'  one 3,000 x 3,000 JPEG \([0-9.]+ MB\): ([0-9.]+) s per multi-crop '
+                         r'visit, ([0-9.]+) s per evaluation visit \(median of 1\)', line)
+    assert match and float(match[1]) > 0 and float(match[2]) > 0, line
