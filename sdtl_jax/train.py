@@ -182,8 +182,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
         num_threads=config.data.num_threads, num_workers=config.data.num_workers,
         indices=train_indices, **skip))
 
-    def new_state(params, batch_stats):
-        return jax.device_put(initial_state(params, batch_stats, tx, state_rng), replicated)
+    # One program: made eagerly, the optimizer state compiles a zeros op per parameter shape
+    # (~30 compiles, 2-3 s for ResNet-50 at every start; seen in bench.rehearsal's compile log).
+    new_state = jax.jit(lambda params, batch_stats: initial_state(params, batch_stats, tx,
+                                                                  state_rng),
+                        out_shardings=replicated)
 
     if ckpt.latest_step() is not None:
         state = ckpt.restore(new_state(params, batch_stats), train_iter)
@@ -221,6 +224,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
                                     process_index=process_index,
                                     process_count=process_count, **skip), mesh)
         record = {'epoch': epoch, 'train_loss': train_loss, 'lr': lr,
+                  'step_s': timer.take_epoch(),
                   'wall_s': wall_offset + time.time() - t_start, **acc}
         writer.scalars(step, record, jsonl=True)
         skip_log.sync()
@@ -229,6 +233,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
     previous = metrics_io.read_metrics(workdir) if is_main else []
     wall_offset = previous[-1]['wall_s'] if previous else 0.0
     start_step = int(state.step)
+    timer = _StepTimer(start_step)
     last_epochs = range(config.num_epochs - config.eval.last_epochs + 1, config.num_epochs + 1)
 
     if num_frozen == len(layer_names):
@@ -249,9 +254,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
             done = step + 1
             if done % config.log_every_steps == 0 or done == steps.total:
                 loss, lr = (float(x) for x in jax.device_get((metrics['loss'], metrics['lr'])))
+                step_s = timer.lap(done)
                 _check_finite([loss], done, workdir)
                 bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.2e}')
-                writer.scalars(done, {'train/loss': loss, 'train/lr': lr})
+                writer.scalars(done, {'train/loss': loss, 'train/lr': lr,
+                                      **({'train/step_s': step_s} if step_s else {})})
                 heartbeat()
             if preemption.reached(done):
                 # Mid-epoch is fine: the checkpoint holds the data iterator's position.
@@ -276,6 +283,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
                                    f'{record["top5"]:.2f}%')
                 if epoch % config.checkpoint.every_epochs == 0 or done == steps.total:
                     ckpt.save(done, state, train_iter)
+                timer.restart(done)     # evaluation and saving are not training steps
     bar.close()
     ckpt.wait_until_finished()
     ckpt.close()
@@ -306,6 +314,36 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
         metrics_io.write_json(results_path, results)
     writer.close()
     return results
+
+
+class _StepTimer:
+    """Seconds per training step, measured between log points (where the loss is fetched,
+    so the device has finished those steps). The first interval of a process is left out: it
+    holds compilation and the loader's start."""
+
+    def __init__(self, step: int):
+        self._first = True
+        self._epoch: list[float] = []
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self._time, self._step = time.perf_counter(), step
+
+    def lap(self, step: int) -> float | None:
+        """Seconds per step since the last lap or restart; None for the first interval."""
+        now = time.perf_counter()
+        seconds = (now - self._time) / max(1, step - self._step)
+        self._time, self._step = now, step
+        if self._first:
+            self._first = False
+            return None
+        self._epoch.append(seconds)
+        return seconds
+
+    def take_epoch(self) -> float | None:
+        """The median of the laps since the last call (metrics.jsonl's `step_s`)."""
+        laps, self._epoch = self._epoch, []
+        return float(np.median(laps)) if laps else None
 
 
 def _nbytes(tree) -> int:
