@@ -1,6 +1,7 @@
 r"""Generator speed: images/s of `python -m sdtl_jax.generate` against the naive diffusers loop.
 
   python -m bench.generator_speed --model=CompVis/stable-diffusion-v1-4 --append   # on a GPU
+  python -m bench.generator_speed --random_sd14 --append        # on a GPU, without the weights
   python -m bench.generator_speed --tiny --width=64 --height=48 --steps=2          # CPU smoke
 
 Both sides generate SD 1.4 images at 512 x 384 with 50 steps and guidance 2.0 (docs/paper.md
@@ -10,8 +11,10 @@ Both sides generate SD 1.4 images at 512 x 384 with 50 steps and guidance 2.0 (d
 - ours: the generator of sdtl_jax.generate (batches, fp16, SDPA attention, channels_last,
   optional torch.compile, encoding and shard writing overlapped with the GPU), into shards.
 Each side runs one warm-up batch first (compilation, cuDNN autotuning), not timed.
-`--tiny` uses a tiny random pipeline (sdtl_jax.generate.tiny): it checks the code paths, and its
-figures say nothing about a real model.
+`--random_sd14` times SD 1.4's full architecture with random weights (sdtl_jax.generate.random_sd,
+drawn on --device and saved in float16 to a temporary folder first): the same cost per image as
+the real weights, where they cannot be downloaded. `--tiny` uses a tiny random pipeline
+(sdtl_jax.generate.tiny): it checks the code paths, and its figures say nothing about a real model.
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         'folder.', flag_values=flag_values)
     flags.DEFINE_bool('tiny', False, 'A tiny random pipeline instead of --model (CPU smoke '
                       'run).', flag_values=flag_values)
+    flags.DEFINE_bool('random_sd14', False, "SD 1.4's architecture with random weights instead "
+                      'of --model (no download).', flag_values=flag_values)
     for name, value, what in (('width', 512, 'Image width.'), ('height', 384, 'Image height.'),
                               ('steps', 50, 'Denoising steps.'),
                               ('images', 64, 'Images timed, ours.'),
@@ -102,6 +107,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_bool('vae_slicing', False, 'Decode the batch one image at a time.',
                       flag_values=flag_values)
     flags.DEFINE_bool('append', False, 'Append to bench/RESULTS.md.', flag_values=flag_values)
+    flags.mark_bool_flags_as_mutual_exclusive(['tiny', 'random_sd14'], flag_values=flag_values)
 
 
 def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -116,11 +122,16 @@ def run(args: flags.FlagValues) -> list[str]:
         if args.tiny:
             from sdtl_jax.generate import tiny
             args.model = tiny.write_tiny_sd(os.path.join(tmp, 'tiny_sd'))
+        elif args.random_sd14:
+            from sdtl_jax.generate import random_sd
+            args.model = random_sd.write_sd14(os.path.join(tmp, 'random_sd14'),
+                                              device=diffusion.resolve_device(args.device))
         requests = _requests(max(args.images, args.naive_images, args.batch_size))
         os.makedirs(os.path.join(tmp, 'naive'))
         naive_rate = naive(args, requests[:args.naive_images], os.path.join(tmp, 'naive'))
         our_rate, info = ours(args, requests[:args.images], os.path.join(tmp, 'ours'))
-    model = 'tiny random SD pipeline' if args.tiny else args.model
+    model = ('tiny random SD pipeline' if args.tiny else
+             "SD 1.4's architecture with random weights" if args.random_sd14 else args.model)
     versions = diffusion.library_versions()
     lines = [f'{model}, {args.width} x {args.height}, {args.steps} steps, guidance '
              f'{args.guidance}, {info["device_name"]} ({info["dtype"]}), '

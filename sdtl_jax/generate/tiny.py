@@ -35,7 +35,7 @@ def _byte_chars() -> list[str]:
     return chars
 
 
-def _write_tokenizer(path: str) -> int:
+def write_tokenizer(path: str) -> int:
     """Writes a CLIP tokenizer to `path`; returns its vocabulary size."""
     from transformers import CLIPTokenizer
 
@@ -94,7 +94,7 @@ def write_tiny_sd(path: str, *, seed: int = 0, safety_checker: bool = True) -> s
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    vocab_size = _write_tokenizer(os.path.join(path, 'tokenizer'))
+    vocab_size = write_tokenizer(os.path.join(path, 'tokenizer'))
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,
@@ -120,8 +120,8 @@ def write_tiny_sdxl(path: str, *, seed: int = 0) -> str:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    vocab_size = _write_tokenizer(os.path.join(path, 'tokenizer'))
-    _write_tokenizer(os.path.join(path, 'tokenizer_2'))
+    vocab_size = write_tokenizer(os.path.join(path, 'tokenizer'))
+    write_tokenizer(os.path.join(path, 'tokenizer_2'))
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,
