@@ -16,8 +16,13 @@ def command(name: str, flag_values: flags.FlagValues) -> str:
     return ' '.join([f'python -m bench.{name}', *cli.given(flag_values, leave_out=('append',))])
 
 
+def section(name: str, lines: list[str], flag_values: flags.FlagValues) -> str:
+    """A `### <name>, <date>` entry: the command (without --append) and `lines`."""
+    return (f'\n### {name}, {datetime.date.today()}\n\n'
+            f'`{command(name, flag_values)}`\n\n```\n' + '\n'.join(lines) + '\n```\n')
+
+
 def append(name: str, lines: list[str], flag_values: flags.FlagValues) -> None:
-    """Adds a `### <name>, <date>` entry: the command (without --append) and `lines`."""
+    """Adds `section(name, lines, flag_values)` to RESULTS."""
     with open(RESULTS, 'a') as f:
-        f.write(f'\n### {name}, {datetime.date.today()}\n\n'
-                f'`{command(name, flag_values)}`\n\n```\n' + '\n'.join(lines) + '\n```\n')
+        f.write(section(name, lines, flag_values))

@@ -47,6 +47,8 @@ COMMANDS = (
     ('Data', (
         ('python -m sdtl_jax.generate', 'a synthetic dataset from Stable Diffusion'),
         ('python -m sdtl_jax.generate.tiny', 'a tiny random Stable Diffusion pipeline (CPU)'),
+        ('python -m sdtl_jax.generate.random_sd', "SD 1.4's architecture, random weights (no "
+         'download)'),
         ('python -m sdtl_jax.data.import_imagenet100', 'ImageNet-100 from ImageNet-1k'),
         ('python -m sdtl_jax.data.import_pets', 'Oxford-IIIT Pets from its archives'),
         ('python -m sdtl_jax.data.import_tfds', 'a TFDS dataset prepared as array_record'),
@@ -59,6 +61,8 @@ COMMANDS = (
         ('python -m bench.freeze_speed', 'the step with a frozen prefix against N = 0'),
         ('python -m bench.loader_speed', 'decode + multi-crop samples/s per CPU core'),
         ('python -m bench.generator_speed', "the generator's images/s against diffusers'"),
+        ('python -m bench.accelerator_check', 'GPU tests and benchmarks in one timed call'),
+        ('python -m bench.rehearsal', 'paper-sized data and models end to end, a few steps'),
     )),
     ('Launchers (from the repository root; --gpus=N always means N GPUs per host)', (
         ('launch/train_multi_gpu.sh', "an experiment or study on this host's GPUs"),

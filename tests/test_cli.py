@@ -30,6 +30,7 @@ FLAG = {
     'python -m sdtl_jax.convert': '--checkpoint',
     'python -m sdtl_jax.generate': '--outdir',
     'python -m sdtl_jax.generate.tiny': '--[no]sdxl',
+    'python -m sdtl_jax.generate.random_sd': '--[no]safety_checker',
     'python -m sdtl_jax.data.import_imagenet100': '--train_tar',
     'python -m sdtl_jax.data.import_pets': '--annotations',
     'python -m sdtl_jax.data.import_tfds': '--tfds_data_dir',
@@ -40,6 +41,8 @@ FLAG = {
     'python -m bench.freeze_speed': '--num_frozen',
     'python -m bench.loader_speed': '--settings',
     'python -m bench.generator_speed': '--naive_images',
+    'python -m bench.accelerator_check': '--total_s',
+    'python -m bench.rehearsal': '--[no]tiny',
     'launch/train_multi_gpu.sh': '--gpus=N',
     'launch/train_slurm.sh': '--gpus=N',
     'launch/generate_multi_gpu.sh': '--gpus=N',
@@ -52,9 +55,10 @@ FLAG = {
 SCRIPTS = {'python scripts/make_fidelity_fixtures.py': '--full_size'}
 # The command modules that are libraries too, or that tests import: not main.py and
 # generate/__main__.py, programs only, which define their flags at import.
-MODULES = ('bench.all', 'bench.freeze_speed', 'bench.generator_speed', 'bench.loader_speed',
-           'bench.train_step_speed', 'sdtl_jax.analyze', 'sdtl_jax.convert', 'sdtl_jax.report',
-           'sdtl_jax.generate.tiny', 'sdtl_jax.data.demo', 'sdtl_jax.data.import_imagenet100',
+MODULES = ('bench.accelerator_check', 'bench.all', 'bench.freeze_speed', 'bench.generator_speed',
+           'bench.loader_speed', 'bench.rehearsal', 'bench.train_step_speed', 'sdtl_jax.analyze',
+           'sdtl_jax.convert', 'sdtl_jax.report', 'sdtl_jax.generate.tiny',
+           'sdtl_jax.generate.random_sd', 'sdtl_jax.data.demo', 'sdtl_jax.data.import_imagenet100',
            'sdtl_jax.data.import_pets', 'sdtl_jax.data.import_tfds',
            'sdtl_jax.data.shard_import', 'sdtl_jax.data.write_arrayrecord',
            'sdtl_jax.models.__main__')
