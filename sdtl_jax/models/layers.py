@@ -91,6 +91,29 @@ class CosineClassifier(nn.Module):
         return l2_normalize(x, axis=-1) @ l2_normalize(kernel.astype(x.dtype), axis=0) / self.tau
 
 
+class Dense(nn.Module):
+    """`nn.Dense` whose product is kept in float32 and its bias added there, then cast to dtype.
+
+    Same parameters as `nn.Dense(features)`: 'kernel' (in, features) and 'bias' (features,),
+    float32, created in the same order (the same initial values). In bf16, nn.Dense adds a bf16
+    bias, so the bias's gradient is a bf16 sum over every token: 3.6% off the float32 gradient
+    over (32, 196, 160) tokens (TinyViT's attention); summed in float32 here. Float32 computes
+    exactly as nn.Dense.
+    """
+    features: int
+    kernel_init: Any = torch_default_init
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                    preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
+        return (y + bias).astype(self.dtype)
+
+
 class PointwiseConv(nn.Module):
     """Bias-free 1x1 convolution (stride s, no padding) computed as a matmul.
 
@@ -112,6 +135,52 @@ class PointwiseConv(nn.Module):
         return jnp.einsum('bhwc,cd->bhwd', x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
 
 
+def shifted_windows(x: jax.Array, kernel_size: int, strides: int) -> list[jax.Array]:
+    """The k * k input windows of a k x k convolution (stride s, zero padding k // 2 on both
+    sides, as PyTorch's): window (i, j) is the input pixel each output pixel multiplies by the
+    kernel's tap (i, j), so the convolution is sum over (i, j) of window * kernel[i, j]."""
+    k, s, p = kernel_size, strides, kernel_size // 2
+    b, h, w, c = x.shape
+    out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    return [jax.lax.slice(x, (0, i, j, 0),
+                          (b, i + (out_h - 1) * s + 1, j + (out_w - 1) * s + 1, c), (1, s, s, 1))
+            for i in range(k) for j in range(k)]
+
+
+class Conv(nn.Module):
+    """Bias-free k x k convolution with PyTorch's symmetric padding k // 2.
+
+    Same parameter as `nn.Conv(features, (k, k), use_bias=False)`: 'kernel' of shape
+    (k, k, in, features). Where the kernel window covers more pixels than the input or the
+    output has (k * k > h * w: ResNet's last stage on a 48 px crop is 2 x 2), XLA swaps the
+    operands of the convolution or of its gradient (its ConvOperandSwapper), and the CPU backend
+    runs the swapped convolution in a generic loop: 2.1 s forward + backward for a 3 x 3
+    convolution over (32, 2, 2, 512) on 2 cores, 0.02 s as one matmul over the concatenated
+    windows (im2col), which is what it is there. Elsewhere XLA's convolution: on larger images
+    it is the faster of the two.
+    """
+    features: int
+    kernel_size: int
+    strides: int = 1
+    kernel_init: Any = torch_default_init
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s = self.kernel_size, self.strides
+        kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
+                            jnp.float32).astype(self.dtype)
+        x = x.astype(self.dtype)
+        _, h, w, _ = x.shape
+        out_h, out_w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
+        if min(h * w, out_h * out_w) >= k * k:
+            return jax.lax.conv_general_dilated(x, kernel, (s, s), padding(k),
+                                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        windows = shifted_windows(x, k, s)
+        return jnp.concatenate(windows, axis=-1) @ kernel.reshape(-1, self.features)
+
+
 class DepthwiseConv(nn.Module):
     """Bias-free depthwise convolution (PyTorch `groups=channels`, padding k // 2).
 
@@ -119,7 +188,8 @@ class DepthwiseConv(nn.Module):
     shape (k, k, 1, C), PyTorch's default init. Computed as a sum of k * k shifted slices times
     per-channel weights, which XLA fuses into one elementwise loop: on CPU (2 cores) a 3x3
     depthwise conv over (8, 56, 56, 256) takes 9 ms forward and 0.18 s forward + backward this
-    way, against 0.17 s and 1.05 s for XLA's grouped convolution. Accumulates in float32.
+    way, against 0.17 s and 1.05 s for XLA's grouped convolution. Multiplies and accumulates
+    in float32 whatever `dtype` (the inputs are rounded to it first).
     """
     kernel_size: int = 3
     strides: int = 1
@@ -127,19 +197,14 @@ class DepthwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        k, s = self.kernel_size, self.strides
+        k = self.kernel_size
         kernel = self.param('kernel', torch_default_init, (k, k, 1, x.shape[-1]), jnp.float32)
-        b, h, w, c = x.shape
-        p = k // 2
-        out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-        x = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))
-        out = jnp.zeros((b, out_h, out_w, c), jnp.promote_types(self.dtype, jnp.float32))
-        for i in range(k):
-            for j in range(k):
-                window = jax.lax.slice(x, (0, i, j, 0),
-                                       (b, i + (out_h - 1) * s + 1, j + (out_w - 1) * s + 1, c),
-                                       (1, s, s, 1))
-                out = out + window * kernel[i, j, 0].astype(self.dtype)
+        windows = shifted_windows(x.astype(self.dtype), k, self.strides)
+        out = jnp.zeros(windows[0].shape, jnp.promote_types(self.dtype, jnp.float32))
+        for tap, window in enumerate(windows):
+            # The float32 kernel makes each product float32, so the kernel's gradient (a sum
+            # over every pixel) is summed in float32 too: in bf16 it was 7% off.
+            out = out + window * kernel[tap // k, tap % k, 0]
         return out.astype(self.dtype)
 
 

@@ -31,9 +31,7 @@ def conv(features: int, kernel_size: int, strides: int, dtype: Any, name: str) -
     """Bias-free convolution with PyTorch's symmetric `padding=k // 2`."""
     if kernel_size == 1:
         return layers.PointwiseConv(features, strides, conv_init, dtype, name=name)
-    return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
-                   padding=layers.padding(kernel_size), use_bias=False, kernel_init=conv_init,
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
+    return layers.Conv(features, kernel_size, strides, conv_init, dtype, name=name)
 
 
 class Stem(nn.Module):

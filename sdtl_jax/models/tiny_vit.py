@@ -39,9 +39,8 @@ DEPTHS = (2, 2, 6, 2)
 dense_init = nn.initializers.normal(stddev=0.02)
 
 
-def dense(features: int, dtype: Any, name: str) -> nn.Dense:
-    return nn.Dense(features, kernel_init=dense_init, dtype=dtype, param_dtype=jnp.float32,
-                    name=name)
+def dense(features: int, dtype: Any, name: str) -> layers.Dense:
+    return layers.Dense(features, dense_init, dtype, name=name)
 
 
 class ConvNorm(nn.Module):
@@ -59,10 +58,7 @@ class ConvNorm(nn.Module):
         if self.groups == 1 and k == 1:
             x = layers.PointwiseConv(self.features, self.strides, dtype=self.dtype, name='conv')(x)
         elif self.groups == 1:
-            x = nn.Conv(self.features, (k, k), strides=(self.strides, self.strides),
-                        padding=layers.padding(k), use_bias=False,
-                        kernel_init=layers.torch_default_init, dtype=self.dtype,
-                        param_dtype=jnp.float32, name='conv')(x)
+            x = layers.Conv(self.features, k, self.strides, dtype=self.dtype, name='conv')(x)
         elif self.groups == self.features == x.shape[-1]:  # Depthwise: fast on CPU.
             x = layers.DepthwiseConv(k, self.strides, self.dtype, name='conv')(x)
         else:
@@ -121,6 +117,30 @@ def attention_bias_idxs(window_size: int) -> np.ndarray:
             + np.abs(cols[:, None] - cols[None, :]))
 
 
+@jax.custom_vjp
+def add_window_bias(logits: jax.Array, bias: jax.Array) -> jax.Array:
+    """`logits + bias` for logits [windows, ...] and a bias shared by every window.
+
+    The same sum, with the bias's gradient (the window axis summed away) as a matrix-vector
+    product with ones: XLA:CPU hands the plain reduction over the leading axis to YNNPACK,
+    which took 0.05 s for (32, 5, 196, 196) where the product takes 0.004 s, a third of
+    TinyViT-5M's CPU train step at the benchmark's reduced size.
+    """
+    return logits + bias
+
+
+def _add_window_bias_fwd(logits, bias):
+    return logits + bias, None
+
+
+def _add_window_bias_bwd(_, grad):
+    ones = jnp.ones((grad.shape[0],), grad.dtype)
+    return grad, jnp.tensordot(ones, grad, axes=(0, 0))
+
+
+add_window_bias.defvjp(_add_window_bias_fwd, _add_window_bias_bwd)
+
+
 class Attention(nn.Module):
     """Pre-norm multi-head self-attention in one window, with a learned relative-offset bias."""
     dim: int
@@ -136,12 +156,18 @@ class Attention(nn.Module):
                             (self.num_heads, self.window_size ** 2), jnp.float32)
         x = layers.layer_norm(dtype=self.dtype, name='norm')(x)
         qkv = dense(3 * self.dim, self.dtype, 'qkv')(x).reshape(b, n, self.num_heads, -1)
-        q, k, v = jnp.split(qkv, 3, axis=-1)  # timm: view(B, N, heads, -1).split([kd, kd, d])
-        logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim ** -0.5, k,
+        # timm: view(B, N, heads, -1).split([kd, kd, d]), each permuted to (B, heads, N, d), the
+        # layout whose products are plain batched matmuls (faster on CPU than bqhd's).
+        q, k, v = jnp.split(qkv.transpose(0, 2, 1, 3), 3, axis=-1)
+        logits = jnp.einsum('bhqd,bhkd->bhqk', q * head_dim ** -0.5, k,
                             preferred_element_type=jnp.float32)
-        logits = logits + biases[:, attention_bias_idxs(self.window_size)]
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        x = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, n, self.dim)
+        logits = add_window_bias(logits, biases[:, attention_bias_idxs(self.window_size)])
+        # Softmax with its division after the product with v, on (N, d) rather than (N, N):
+        # the same value, and a TinyViT block's train step 20% faster on CPU.
+        e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+        x = jnp.einsum('bhqk,bhkd->bhqd', e.astype(self.dtype), v,
+                       preferred_element_type=jnp.float32) / jnp.sum(e, axis=-1, keepdims=True)
+        x = x.astype(self.dtype).transpose(0, 2, 1, 3).reshape(b, n, self.dim)
         return dense(self.dim, self.dtype, 'proj')(x)
 
 
