@@ -59,6 +59,7 @@ COMMANDS = (
         ('python -m bench.all', 'the suite: train step, loader, generator'),
         ('python -m bench.train_step_speed', 'our train step against the PyTorch reference'),
         ('python -m bench.freeze_speed', 'the step with a frozen prefix against N = 0'),
+        ('python -m bench.profile_step', "where the step's time goes, ours and PyTorch's"),
         ('python -m bench.loader_speed', 'decode + multi-crop samples/s per CPU core'),
         ('python -m bench.generator_speed', "the generator's images/s against diffusers'"),
         ('python -m bench.accelerator_check', 'GPU tests and benchmarks in one timed call'),

@@ -6,6 +6,7 @@ The PyTorch reference needs torchvision and timm, which CI does not install: tho
 import datetime
 import importlib.util
 import math
+import re
 
 import jax
 import numpy as np
@@ -123,3 +124,23 @@ def test_all_appends_a_section_with_its_provenance(tmp_path, monkeypatch):
     assert float(loader_line.split(':')[1].split()[0]) > 0
     assert lines[-2].startswith('generator: not run, needs a CUDA GPU')   # this CPU machine
     assert lines[-1].startswith('load average at end: ')
+
+
+def test_profile_step_attributes_operations_to_layers_and_passes(capsys):
+    from bench import profile_step
+
+    argv = ['--small', '--models=resnet50', f'--num_frozen={NUM_FROZEN}', '--notorch',
+            '--top=100000', *(f'--{k}={v}' for k, v in TINY.items())]
+    cli.call(profile_step, argv)
+    out = capsys.readouterr().out
+    assert '  ours by kind (s/step):' in out and '  per layer (s/step): ours fwd / bwd' in out
+    # Every operation of the step, listed with its kind, layer and pass.
+    ops = re.findall(r'^ +[0-9.]+ (\S+) +(\S+|\(outside the model\)) +(forward|backward) ',
+                     out, re.M)
+    names = models.build({'name': 'resnet50', 'width': 8}, num_classes=100).layer_names()
+    forward = {layer for _, layer, direction in ops if direction == 'forward'}
+    backward = {layer for _, layer, direction in ops if direction == 'backward'}
+    assert set(names) <= forward, sorted(forward)
+    # The frozen prefix has no backward pass; the trained layers have one.
+    assert backward & set(names) == set(names[NUM_FROZEN:]), sorted(backward)
+    assert {'convolution', 'matmul', 'elementwise'} <= {kind for kind, _, _ in ops}

@@ -39,6 +39,7 @@ FLAG = {
     'python -m bench.all': '--skip',
     'python -m bench.train_step_speed': '--num_frozen',
     'python -m bench.freeze_speed': '--num_frozen',
+    'python -m bench.profile_step': '--top',
     'python -m bench.loader_speed': '--settings',
     'python -m bench.generator_speed': '--naive_images',
     'python -m bench.accelerator_check': '--total_s',
@@ -56,8 +57,8 @@ SCRIPTS = {'python scripts/make_fidelity_fixtures.py': '--full_size'}
 # The command modules that are libraries too, or that tests import: not main.py and
 # generate/__main__.py, programs only, which define their flags at import.
 MODULES = ('bench.accelerator_check', 'bench.all', 'bench.freeze_speed', 'bench.generator_speed',
-           'bench.loader_speed', 'bench.rehearsal', 'bench.train_step_speed', 'sdtl_jax.analyze',
-           'sdtl_jax.convert', 'sdtl_jax.report', 'sdtl_jax.generate.tiny',
+           'bench.loader_speed', 'bench.profile_step', 'bench.rehearsal', 'bench.train_step_speed',
+           'sdtl_jax.analyze', 'sdtl_jax.convert', 'sdtl_jax.report', 'sdtl_jax.generate.tiny',
            'sdtl_jax.generate.random_sd', 'sdtl_jax.data.demo', 'sdtl_jax.data.import_imagenet100',
            'sdtl_jax.data.import_pets', 'sdtl_jax.data.import_tfds',
            'sdtl_jax.data.shard_import', 'sdtl_jax.data.write_arrayrecord',
