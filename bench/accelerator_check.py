@@ -276,7 +276,7 @@ def run(args) -> list[str]:
         lines += [f'  {line}' for line in figures]
         if status != 'ok' and err:
             lines.append(f'  stderr: {_tail(err)}')
-    lines.append(f'load average at end: {_load()}; wall time '
+    lines.append(f'load average at end: {results.load_average()}; wall time '
                  f'{(time.perf_counter() - start) / 60:.1f} min')
 
     log('\nsummary:\n' + '\n'.join(lines))
@@ -295,16 +295,12 @@ def _tail(err: list[str]) -> str:
     return ' / '.join([line.strip() for line in err if line.strip()][-3:]) or '(nothing)'
 
 
-def _load() -> str:
-    return '{:.2f}, {:.2f}, {:.2f} (1, 5, 15 min)'.format(*os.getloadavg())
-
-
 def _child(what: str, *args: str) -> None:
     """A part's process: prints, after _MARK, bench.all's header (`what` = 'header') or the
     lines that benchmark module `what` returns, run on `args` as its own command runs."""
     if what == 'header':
         from bench import all as bench_all
-        versions = ', '.join(f'{name} {_version(name)}' for name in MORE_VERSIONS)
+        versions = ', '.join(f'{name} {results.version(name)}' for name in MORE_VERSIONS)
         print(_MARK + json.dumps([*bench_all.header(), f'more versions: {versions}; NVIDIA '
                                   f'driver {_nvidia_driver()}']), flush=True)
         return
@@ -314,13 +310,6 @@ def _child(what: str, *args: str) -> None:
     def main(argv):
         print(_MARK + json.dumps(module.run(flags.FLAGS)), flush=True)
     app.run(main, argv=[what, *args], flags_parser=cli.parse_flags)   # grain reads absl flags
-
-
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return 'missing'
 
 
 def _nvidia_driver() -> str:

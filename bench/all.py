@@ -20,7 +20,6 @@ import os
 import platform
 import subprocess
 import time
-from importlib import metadata
 
 from absl import app, flags
 
@@ -39,10 +38,10 @@ GENERATOR_ARGS = {False: ['--images=16', '--naive_images=4', '--batch_size=8'], 
 
 def header() -> list[str]:
     """Where and with what the figures were measured."""
-    versions = ', '.join(f'{name} {_version(name)}' for name in LIBRARIES)
+    versions = ', '.join(f'{name} {results.version(name)}' for name in LIBRARIES)
     return [f'device: {_gpus()}; {len(os.sched_getaffinity(0))} CPU cores, '
             f'{platform.machine()}, Python {platform.python_version()}',
-            f'load average at start: {_load()}',
+            f'load average at start: {results.load_average()}',
             f'versions: {versions}',
             f'commit: {_commit()}']
 
@@ -80,7 +79,7 @@ def run(args: flags.FlagValues) -> list[str]:
         lines += loader_speed.run(cli.parse(loader_speed, LOADER_ARGS[args.full_size]))
     if 'generator' not in skip:
         lines += generator_lines(args)
-    lines.append(f'load average at end: {_load()}; wall time '
+    lines.append(f'load average at end: {results.load_average()}; wall time '
                  f'{(time.perf_counter() - start) / 60:.1f} min')
 
     print(f'\nsummary, {datetime.date.today()}: {command}\n' + '\n'.join(lines))
@@ -104,17 +103,6 @@ def generator_lines(args) -> list[str]:
         line = f'generator: failed: {type(e).__name__}: {e}'
         print(line, flush=True)
         return [line]
-
-
-def _load() -> str:
-    return '{:.2f}, {:.2f}, {:.2f} (1, 5, 15 min)'.format(*os.getloadavg())
-
-
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return 'missing'
 
 
 def _gpus() -> str:

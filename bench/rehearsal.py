@@ -226,7 +226,7 @@ def run(args: flags.FlagValues, root: str) -> list[str]:
            'JAX_LOG_COMPILES': '1', 'HF_HUB_OFFLINE': '1'}
     python = sys.executable
     start = time.perf_counter()
-    load_start = os.getloadavg()
+    load_start = results.load_average()
     stages: list[Stage] = []
 
     def stage(name, cmd) -> Stage:
@@ -318,12 +318,11 @@ def run(args: flags.FlagValues, root: str) -> list[str]:
     wall = time.perf_counter() - start
     lines = [f'rehearsal ({"tiny" if args.tiny else "full size"}): {os.cpu_count()} CPU cores, '
              f'{platform.machine()}, Python {platform.python_version()}',
-             f'load average at start: {", ".join(f"{x:.2f}" for x in load_start)} (1, 5, 15 min)',
+             f'load average at start: {load_start}',
              f'  {"raw data":<24} {made:7.1f} s ({imagenet["images"]} ImageNet-shaped and '
              f'{pets["images"]} Pets-shaped JPEGs)',
              *(s.line() for s in stages),
-             f'load average at end: {", ".join(f"{x:.2f}" for x in os.getloadavg())}; '
-             f'wall time {wall / 60:.1f} min']
+             f'load average at end: {results.load_average()}; wall time {wall / 60:.1f} min']
     print('\n'.join(lines))
     if args.append:
         results.append('rehearsal', lines, args)

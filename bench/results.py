@@ -1,13 +1,27 @@
-"""Appends a benchmark's printed lines to bench/RESULTS.md, with the date and the command."""
+"""Appends a benchmark's printed lines to bench/RESULTS.md, with the date and the command;
+the provenance figures every entry states (load average, library versions)."""
 
 import datetime
 import os
+from importlib import metadata
 
 from absl import flags
 
 from sdtl_jax import cli
 
 RESULTS = os.path.join(os.path.dirname(__file__), 'RESULTS.md')
+
+
+def load_average() -> str:
+    return '{:.2f}, {:.2f}, {:.2f} (1, 5, 15 min)'.format(*os.getloadavg())
+
+
+def version(name: str) -> str:
+    """The installed version of distribution `name`, or 'missing'."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return 'missing'
 
 
 def command(name: str, flag_values: flags.FlagValues) -> str:
