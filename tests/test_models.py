@@ -295,3 +295,16 @@ def test_main_prints_layers_and_total(name, num_classes, total, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f'total params: {total}'
     assert len(lines) == 1 + 18 + 1
+
+
+def test_l2_normalize_has_torch_gradient_at_zero():
+    """An all-zero feature vector (a dead ReLU output, say) must not give NaN gradients: as
+    torch.nn.functional.normalize, the gradient there is upstream / eps."""
+
+    x = jnp.zeros((2, 3)).at[1].set(jnp.array([3.0, 0.0, 4.0]))
+    weights = jnp.array([1.0, -2.0, 0.5])
+    grad = jax.grad(lambda x: jnp.sum(layers.l2_normalize(x, axis=-1) * weights))(x)
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad[0], weights / 1e-12, rtol=1e-6)
+    # Elsewhere the value is x / ||x||, unchanged.
+    np.testing.assert_array_equal(layers.l2_normalize(x, axis=-1)[1], x[1] / 5.0)

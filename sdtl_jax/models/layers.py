@@ -58,9 +58,11 @@ def layer_norm(*, dtype: Any, name: str | None = None) -> nn.LayerNorm:
 
 
 def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps), as torch.nn.functional.normalize."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    """x / max(||x||, eps), as torch.nn.functional.normalize, with its finite gradient at an
+    all-zero x (1 / eps): the clamp comes before the square root, whose derivative at 0 is
+    infinite (times 0: NaN, which the NaN check would then blame on the learning rate)."""
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True), eps * eps))
+    return x / norm
 
 
 class CosineClassifier(nn.Module):
