@@ -69,24 +69,87 @@ class RunLock:
         self._last_beat = 0.0
 
     def acquire(self) -> str | None:
-        """Takes the lock; returns a note when a stale lock was taken over."""
+        """Takes the lock; returns a note when a stale lock was taken over.
+
+        On a local disk the lock file is created exclusively (complete, by a hard link), so of
+        two runs started at the same instant exactly one gets it, and a stale lock is moved
+        aside by one rename, which only one taker wins. A bucket has neither: there the lock is
+        checked, then written, and two runs started within a second could both get it.
+        """
         note = None
-        if fileio.exists(self.path):
-            holder = json.loads(fileio.read_text(self.path))
+        while True:
+            if not fileio.exists(self.path) and self._create():
+                return note
+            try:
+                text = fileio.read_text(self.path)
+                holder = json.loads(text)
+            except FileNotFoundError:
+                continue                        # moved aside by a run taking it over
+            except json.JSONDecodeError:
+                # Being written by a run that has just created it (no hard links), or damaged
+                # by a crash long ago: then it is stale.
+                if (not fileio.is_remote(self.path)
+                        and time.time() - os.path.getmtime(self.path) < 5):
+                    time.sleep(0.1)
+                    continue
+                holder = {}
             if holder.get('host') == self.owner['host'] and holder.get('pid') == os.getpid():
-                pass                                # this process: a stage of the same run
-            elif self._alive(holder):
+                self.heartbeat(force=True)      # this process: a stage of the same run
+                return note
+            if self._alive(holder):
                 raise WorkdirError(
                     f'{os.path.dirname(self.path)} is in use by another run: pid '
                     f'{holder.get("pid")} on {holder.get("host")}, started '
                     f'{_when(holder.get("started"))}, last seen {_when(holder.get("heartbeat"))}'
                     f' ({holder.get("command")}). Wait for it, stop it, or use another '
                     f'--workdir; if it is dead, delete {self.path}')
-            else:
-                note = (f'Took over the lock of a run that is gone (pid {holder.get("pid")} on '
-                        f'{holder.get("host")}, last seen {_when(holder.get("heartbeat"))})')
-        self.heartbeat(force=True)
-        return note
+            note = (f'Took over the lock of a run that is gone (pid {holder.get("pid")} on '
+                    f'{holder.get("host")}, last seen {_when(holder.get("heartbeat"))})')
+            if fileio.is_remote(self.path):
+                self.heartbeat(force=True)      # a bucket: overwritten in place
+                return note
+            self._move_aside(text)
+
+    def _move_aside(self, stale: str) -> None:
+        """Removes the stale lock (its text: `stale`) by one rename, which only one taker wins;
+        a lock that another taker made meanwhile is put back."""
+        aside = f'{self.path}.stale.{self.owner["host"]}.{os.getpid()}'
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return                              # another taker moved it: read its lock
+        with open(aside) as f:
+            moved = f.read()
+        if moved != stale:
+            try:
+                os.link(aside, self.path)       # a new holder's lock: restore it
+            except FileExistsError:
+                pass
+        os.remove(aside)
+
+    def _create(self) -> bool:
+        """Writes the lock if none exists (locally: atomically); False if another run has it."""
+        if fileio.is_remote(self.path):
+            self.heartbeat(force=True)
+            return True
+        temp = f'{self.path}.new.{self.owner["host"]}.{os.getpid()}'
+        with open(temp, 'w') as f:
+            f.write(json.dumps({**self.owner, 'heartbeat': time.time()}))
+        try:
+            os.link(temp, self.path)            # fails if the lock exists: never half a file
+        except FileExistsError:
+            return False
+        except OSError:                         # no hard links here (some FUSE mounts)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, 'w') as f:
+                f.write(json.dumps({**self.owner, 'heartbeat': time.time()}))
+        finally:
+            os.remove(temp)
+        self._last_beat = time.time()
+        return True
 
     def heartbeat(self, force: bool = False) -> None:
         """Refreshes the lock, at most every HEARTBEAT_SECONDS unless forced."""

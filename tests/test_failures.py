@@ -113,3 +113,48 @@ def test_workdir_of_another_model_is_refused_naming_the_keys(data_dir, tmp_path)
     with pytest.raises(ValueError, match=r'holds another model than this config builds'
                                          r'(.|\n)*params/stem/\S+: resumed shape'):
         train.run(config, str(tmp_path))
+
+
+def _take_lock(workdir, barrier, results):
+    barrier.wait()
+    try:
+        workdir_guard.RunLock(workdir).acquire()
+        results.put('got it')
+    except workdir_guard.WorkdirError:
+        results.put('refused')
+
+
+@pytest.mark.parametrize('stale', [False, True])
+def test_two_runs_started_at_once_never_both_get_the_lock(tmp_path, stale):
+    """The lock is created exclusively (and a stale one moved aside by one rename): of runs
+    started at the same instant exactly one holds it. Checking, then writing, let 2 of 20
+    such pairs both in."""
+    import multiprocessing
+
+    context = multiprocessing.get_context('fork')
+    for trial in range(20):
+        workdir = tmp_path / str(trial)
+        workdir.mkdir()
+        if stale:
+            _write_lock(workdir, host='other-vm', pid=1, heartbeat=time.time() - 3600)
+        barrier, results = context.Barrier(3), context.Queue()
+        runs = [context.Process(target=_take_lock, args=(str(workdir), barrier, results))
+                for _ in range(3)]
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join(30)
+        outcomes = sorted(results.get(timeout=5) for _ in runs)
+        assert outcomes == ['got it', 'refused', 'refused'], (trial, outcomes)
+        holder = json.loads((workdir / 'lock.json').read_text())
+        assert holder['host'] == socket.gethostname() and holder['pid'] in {r.pid for r in runs}
+        assert sorted(p.name for p in workdir.iterdir()) == ['lock.json']   # no temporary files
+
+
+def test_a_damaged_lock_file_is_taken_over(tmp_path):
+    (tmp_path / 'lock.json').write_text('{"host": "vm", "pi')   # a crash while writing
+    old = time.time() - 60
+    os.utime(tmp_path / 'lock.json', (old, old))
+    lock = workdir_guard.RunLock(str(tmp_path))
+    assert lock.acquire().startswith('Took over the lock of a run that is gone')
+    assert json.loads((tmp_path / 'lock.json').read_text())['pid'] == os.getpid()
