@@ -140,10 +140,11 @@ def decode_jpeg(data: bytes, size: tuple[int, int], factor: int,
     (1, 2, 4 or 8) by libjpeg's DCT scaling: RGB uint8 [ceil(H / f), ceil(W / f), 3], pixel i
     covering the full image's pixels [i f, (i + 1) f). The scaled inverse DCT skips most of
     the decoding work (a 10,000 x 10,000 JPEG: 0.65 s at full size, 0.08 s at 1/8)."""
-    if factor == 1:
-        image = decode_image(data, record_id)
-    else:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_REDUCED_FLAGS[factor])
+    # `size` came from the header, so the file is one OpenCV decodes (no second parse of it).
+    flags = _CV2_FLAGS if factor == 1 else _CV2_REDUCED_FLAGS[factor]
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if image is None and factor == 1:
+        image = np.asarray(decode_pil(data, record_id))     # as `decode_image` falls back
     # Crop boxes are drawn from the header's size before decoding: a file that decodes to
     # another size would put them in the wrong place.
     expected = (-(-size[0] // factor), -(-size[1] // factor), 3)
