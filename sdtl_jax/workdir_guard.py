@@ -15,6 +15,7 @@ import sys
 import time
 
 from sdtl_jax import fileio
+from sdtl_jax.errors import UserError
 
 LOCK_FILE = 'lock.json'
 # A lock whose holder has not written for this long is a run that died without cleaning up
@@ -23,7 +24,7 @@ STALE_SECONDS = 15 * 60
 HEARTBEAT_SECONDS = 60
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(UserError):
     """The workdir cannot be used: the message names it and what to do."""
 
 
