@@ -20,6 +20,13 @@ for in `--src` and its parent folders. Labels are the index in the sorted wnid l
 layout, so a tree and the tars give the same records. Output: `--out` (default
 `$SDTL_DATA_DIR/imagenet100_real`), splits `train` (126,689 images) and `val` (5,000); see
 `shard_import` for resuming and the unreadable-file lists.
+
+In a tree, a class folder of the 100 classes that holds no files stops the import with one line
+naming it, unless `--allow_empty_classes` keeps the class with 0 examples (and a warning line).
+EXIF orientation is ignored (pixels stored as in the file, as torchvision's ImageFolder does)
+unless `--exif_transpose`, which stores rotated images upright, as PNG. A file name that is
+not valid UTF-8 is stored with its bytes escaped in the id and exact in `id_bytes` (see
+`records.record_id`).
 """
 
 from __future__ import annotations
@@ -159,9 +166,14 @@ def flat_val_items(files: Sequence[shard_import.Item], ground_truth: dict[str, s
     return sorted(items, key=lambda item: item.id), problems
 
 
-def tree_items(src: str, split: str, ground_truth: dict[str, str] | None = None
+def tree_items(src: str, split: str, ground_truth: dict[str, str] | None = None,
+               allow_empty_classes: bool = False
                ) -> tuple[list[shard_import.Item], list[tuple[str, str]]]:
-    """Items of `<src>/<split>/`: class folders, or flat val files labelled by `ground_truth`."""
+    """Items of `<src>/<split>/`: class folders, or flat val files labelled by `ground_truth`.
+
+    Raises `errors.UserError` when a class folder of the 100 classes holds no file, unless
+    `allow_empty_classes` (then a warning line).
+    """
     labels = _class_labels()
     root = os.path.join(src, split)
     if not os.path.isdir(root):
@@ -174,12 +186,25 @@ def tree_items(src: str, split: str, ground_truth: dict[str, str] | None = None
                                for e, p in zip(entries, paths)], ground_truth)
     items = []
     problems = [(p, 'not in a class folder') for p in paths if not os.path.isdir(p)]
+    counts = {}
     for wnid in sorted(set(entries) & set(labels)):
-        for fname in sorted(os.listdir(os.path.join(root, wnid))):
+        folder = os.path.join(root, wnid)
+        if not os.path.isdir(folder):
+            continue                        # a file named like a class: listed above
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as e:
+            problems.append((folder, f'folder not listed: {type(e).__name__}: {e.strerror or e}'))
+            names = []
+        counts[folder] = 0
+        for fname in names:
             if not fname.startswith('.'):
-                path = os.path.join(root, wnid, fname)
+                path = os.path.join(folder, fname)
                 items.append(shard_import.Item(path, f'{wnid}/{fname}', labels[wnid],
                                                shard_import.file_stamp(path)))
+                counts[folder] += 1
+    shard_import.check_class_folders(counts, allow_empty=allow_empty_classes,
+                                     where=f'[{NAME}/{split}] {records.printable(root)}')
     return items, problems
 
 
@@ -217,8 +242,13 @@ def import_imagenet100(out: str, *, src: str | None = None, train_tar: str | Non
                        val_tar: str | None = None, devkit: str | None = None,
                        val_labels: str | None = None, splits: Sequence[str] = ('train', 'val'),
                        records_per_shard: int = records.DEFAULT_RECORDS_PER_SHARD,
-                       num_threads: int = 8) -> list[dict[str, Any]]:
-    """Writes the requested splits of `imagenet100_real` into `out`; returns their summaries."""
+                       num_threads: int = 8, allow_empty_classes: bool = False,
+                       exif_transpose: bool = False) -> list[dict[str, Any]]:
+    """Writes the requested splits of `imagenet100_real` into `out`; returns their summaries.
+
+    `allow_empty_classes`: see `tree_items`; `exif_transpose`: see
+    `shard_import.checked_image`.
+    """
     if not src and not (train_tar or val_tar):
         raise ValueError('Give --src (an ImageNet-1k folder) or --train_tar/--val_tar')
     for path in (src, train_tar, val_tar, devkit, val_labels):
@@ -240,7 +270,7 @@ def import_imagenet100(out: str, *, src: str | None = None, train_tar: str | Non
         elif src:
             gt = (read_ground_truth(val_labels, devkit, src)
                   if split == 'val' and needs_ground_truth(src) else None)
-            items, problems = tree_items(src, split, gt)
+            items, problems = tree_items(src, split, gt, allow_empty_classes)
         else:
             raise ValueError(f'No source for split {split!r}: give --src or --{split}_tar')
         present = {item.id.split('/')[0] for item in items}
@@ -252,7 +282,9 @@ def import_imagenet100(out: str, *, src: str | None = None, train_tar: str | Non
                   f'e.g. {missing[0]}', file=sys.stderr, flush=True)
         summary = shard_import.write_split(
             out, items, name=NAME, domain='real', classes=classes, split=split,
-            items_per_shard=records_per_shard, num_threads=num_threads, problems=problems)
+            items_per_shard=records_per_shard, num_threads=num_threads, problems=problems,
+            load=shard_import.image_loader(exif_transpose),
+            settings=shard_import.exif_settings(exif_transpose))
         shard_import.warn_count(NAME, split, summary['num_examples'], EXPECTED[split])
         summaries.append(summary)
     return summaries
@@ -274,6 +306,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_list('splits', ['train', 'val'], 'Splits to write: train, val.',
                       flag_values=flag_values)
     shard_import.define_writer_flags(flag_values)
+    shard_import.define_allow_empty_classes(flag_values)
     flags.adopt_module_key_flags(shard_import, flag_values=flag_values)
 
 
@@ -285,7 +318,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
     return shard_import.run_command(lambda: import_imagenet100(
         f.out, src=f.src, train_tar=f.train_tar, val_tar=f.val_tar, devkit=f.devkit,
         val_labels=f.val_labels, splits=f.splits, records_per_shard=f.records_per_shard,
-        num_threads=f.num_threads))
+        num_threads=f.num_threads, allow_empty_classes=f.allow_empty_classes,
+        exif_transpose=f.exif_transpose))
 
 
 if __name__ == '__main__':

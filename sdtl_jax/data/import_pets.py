@@ -12,7 +12,9 @@ official trainval list (3,680 images), `test` (3,669). The other files of images
 `*.mat`) are not in the lists and are never read. A compressed `images.tar.gz` is first copied
 uncompressed into `<out>/.import-cache/` (deleted at the end) so that images can be read at
 random; the output defaults to `$SDTL_DATA_DIR/pets_real`. See `shard_import` for resuming
-and the unreadable-file lists.
+and the unreadable-file lists. EXIF orientation is ignored (pixels stored as in the file, as
+torchvision's ImageFolder does) unless `--exif_transpose`, which stores rotated images upright,
+as PNG.
 """
 
 from __future__ import annotations
@@ -120,8 +122,9 @@ class ImageSource:
 def import_pets(out: str, *, src: str | None = None, images: str | None = None,
                 annotations: str | None = None, splits: Sequence[str] = ('train', 'test'),
                 records_per_shard: int = records.DEFAULT_RECORDS_PER_SHARD,
-                num_threads: int = 8) -> list[dict[str, Any]]:
-    """Writes the requested splits of `pets_real` into `out`; returns their summaries."""
+                num_threads: int = 8, exif_transpose: bool = False) -> list[dict[str, Any]]:
+    """Writes the requested splits of `pets_real` into `out`; returns their summaries.
+    `exif_transpose`: see `shard_import.checked_image`."""
     for split in splits:
         if split not in LISTS:
             raise ValueError(f'Pets splits are {sorted(LISTS)}, got {split!r}')
@@ -144,7 +147,9 @@ def import_pets(out: str, *, src: str | None = None, images: str | None = None,
                 items.append(item)
         summary = shard_import.write_split(
             out, items, name=NAME, domain='real', classes=classes, split=split,
-            items_per_shard=records_per_shard, num_threads=num_threads, problems=problems)
+            items_per_shard=records_per_shard, num_threads=num_threads, problems=problems,
+            load=shard_import.image_loader(exif_transpose),
+            settings=shard_import.exif_settings(exif_transpose))
         shard_import.warn_count(NAME, split, summary['num_examples'], EXPECTED[split])
         summaries.append(summary)
     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -174,7 +179,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
     f = flag_values
     return shard_import.run_command(lambda: import_pets(
         f.out, src=f.src, images=f.images, annotations=f.annotations, splits=f.splits,
-        records_per_shard=f.records_per_shard, num_threads=f.num_threads))
+        records_per_shard=f.records_per_shard, num_threads=f.num_threads,
+        exif_transpose=f.exif_transpose))
 
 
 if __name__ == '__main__':

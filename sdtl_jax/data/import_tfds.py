@@ -14,7 +14,10 @@ outside the TFDS class list (e.g. -1, unlabelled) is listed in `<split>_unreadab
 index and file name. Any other dataset keeps its own class list under its own name (`--dataset`
 chooses the output name). Record ids are the TFDS `file_name` feature when there is one (for
 ImageNet `<wnid>/<file name>`, as `import_imagenet100` names them), else
-`<name>/<split>/<index>`.
+`<name>/<split>/<index>`; a `file_name` that is not valid UTF-8 is stored escaped, with its
+exact bytes in `id_bytes` (`records.record_id`). EXIF orientation is ignored (pixels stored as
+in the file, as torchvision's ImageFolder does) unless `--exif_transpose`, which stores rotated
+images upright, as PNG.
 """
 
 from __future__ import annotations
@@ -61,15 +64,19 @@ class RecordLoader:
     """item -> Example for one TFDS split: maps the label, checks the image bytes."""
 
     def __init__(self, source: Any, label_map: np.ndarray, classes: Sequence[str],
-                 wnid_ids: bool, skip_reason: str):
+                 wnid_ids: bool, skip_reason: str, exif_transpose: bool = False):
         self.source, self.label_map, self.classes = source, label_map, classes
         self.wnid_ids, self.skip_reason = wnid_ids, skip_reason
+        self.exif_transpose = exif_transpose
 
     def __call__(self, item: shard_import.Item) -> shard_import.Example:
         index = item.stamp[0]
         example = self.source[index]
         file_name = example.get('file_name', b'')
-        file_name = file_name.decode() if isinstance(file_name, bytes) else str(file_name)
+        # Bytes that are not UTF-8 stay in the id as surrogate escapes, which the record keeps
+        # exactly (records.record_id), instead of failing the record.
+        file_name = (file_name.decode('utf-8', 'surrogateescape')
+                     if isinstance(file_name, bytes) else str(file_name))
         where = f'{item.source} ({file_name})' if file_name else item.source
         tfds_label = int(example['label'])
         if not 0 <= tfds_label < len(self.label_map):
@@ -81,8 +88,9 @@ class RecordLoader:
         record_id = item.id
         if file_name:
             record_id = f'{self.classes[label]}/{file_name}' if self.wnid_ids else file_name
-        return shard_import.Example(shard_import.checked_image(example['image'], where), label,
-                                    record_id, {'tfds_index': index})
+        return shard_import.Example(
+            shard_import.checked_image(example['image'], where, self.exif_transpose), label,
+            record_id, {'tfds_index': index})
 
 
 def label_mapping(tfds_names: Sequence[str], classes: Sequence[str],
@@ -126,8 +134,9 @@ def _builder(name: str, data_dir: str | None):
 def import_tfds(name: str, out: str | None = None, *, tfds_data_dir: str | None = None,
                 dataset: str | None = None, splits: dict[str, str] | None = None,
                 records_per_shard: int = records.DEFAULT_RECORDS_PER_SHARD,
-                num_threads: int = 8) -> list[dict[str, Any]]:
-    """Imports the given {TFDS split: our split} of TFDS dataset `name`; returns summaries."""
+                num_threads: int = 8, exif_transpose: bool = False) -> list[dict[str, Any]]:
+    """Imports the given {TFDS split: our split} of TFDS dataset `name`; returns summaries.
+    `exif_transpose`: see `shard_import.checked_image`."""
     tfds, builder = _builder(name, tfds_data_dir)
     features = builder.info.features
     if 'image' not in features or 'label' not in features:
@@ -153,9 +162,10 @@ def import_tfds(name: str, out: str | None = None, *, tfds_data_dir: str | None 
                              f'{list(builder.info.splits)})')
         source = builder.as_data_source(split=tfds_split, decoders=decoders)
         loader = RecordLoader(source, label_map, classes, dataset.startswith('imagenet100'),
-                              f'TFDS classes outside the {len(classes)} classes of {dataset}')
+                              f'TFDS classes outside the {len(classes)} classes of {dataset}',
+                              exif_transpose)
         settings = {'tfds': name, 'version': str(builder.info.version), 'tfds_split': tfds_split,
-                    'tfds_labels': tfds_names}
+                    'tfds_labels': tfds_names, **shard_import.exif_settings(exif_transpose)}
         summary = shard_import.write_split(
             out, RecordItems(name, tfds_split, len(source)), name=dataset, domain=domain,
             classes=classes, split=split, load=loader, items_per_shard=items_per_shard,
@@ -194,7 +204,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
         splits = dict(s.split(':', 1) if ':' in s else (s, s) for s in f.splits)
     return shard_import.run_command(lambda: import_tfds(
         f.name, f.out, tfds_data_dir=f.tfds_data_dir, dataset=f.dataset, splits=splits,
-        records_per_shard=f.records_per_shard, num_threads=f.num_threads))
+        records_per_shard=f.records_per_shard, num_threads=f.num_threads,
+        exif_transpose=f.exif_transpose))
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""Record format, ArrayRecord shard writer and the `meta.json` sidecar of a dataset directory.
+r"""Record format, ArrayRecord shard writer and the `meta.json` sidecar of a dataset directory.
 
 A dataset is a directory (see docs/architecture.md, "Data contract"):
 
@@ -10,7 +10,11 @@ A dataset is a directory (see docs/architecture.md, "Data contract"):
 
 Each record is a msgpack map `{"image": bytes, "label": int, "id": str, "meta": {...}}`, where
 `image` holds encoded JPEG or PNG bytes and `meta` holds provenance (for generated images: the
-generator, prompt, seed, ...). `meta.json` holds the name, the domain (`real` or `synth`), the
+generator, prompt, seed, ...). An id that is not valid UTF-8 (a file name such as b'bad\xff.jpg',
+which Python lists as 'bad\udcff.jpg' with a surrogate escape) is stored losslessly: `id` then
+shows the undecodable bytes as backslash escapes (the text `bad\xff.jpg`, see `printable`) and
+the record gains `"id_bytes": bytes`, the exact name; `os.fsdecode(record['id_bytes'])` is the
+name as `os.listdir` gives it. `meta.json` holds the name, the domain (`real` or `synth`), the
 class list, and per split the shard file names (relative to the dataset directory), the number of
 examples and the number of examples per class. `<split>.labels.npy` lets stratified subsets be
 drawn without reading the shards; datasets written before it existed lack it (`read_labels`
@@ -40,17 +44,79 @@ DEFAULT_RECORDS_PER_SHARD = 2048  # ImageNet JPEGs average ~110 KB: ~225 MB shar
 _SHARD_RE = r'-(\d{5})-of-(\d{5})\.array_record$'
 
 
+def _utf8_bytes(text: str) -> bytes:
+    """`text` as bytes: UTF-8, with surrogate escapes (undecodable bytes of a file name, as
+    `os.fsdecode` makes them) turned back into those bytes; any other lone surrogate is kept as
+    its 3-byte form."""
+    try:
+        return text.encode('utf-8', 'surrogateescape')
+    except UnicodeEncodeError:
+        return text.encode('utf-8', 'surrogatepass')
+
+
+def printable(text: str) -> str:
+    r"""`text` safe for a one-line, UTF-8 listing (`<split>_unreadable.txt`, messages).
+
+    Valid UTF-8 is returned as is, except that tabs and line breaks become `\t`, `\n`, `\r`;
+    the bytes of a name that is not valid UTF-8 become `\xNN` escapes, so the file name
+    b'bad\xff\xfe.jpg' (which Python lists as 'bad\udcff\udcfe.jpg') reads `bad\xff\xfe.jpg`.
+    Back from the escaped text to the name's bytes: `name_bytes` (exact unless the name itself
+    holds a backslash followed by `x` and two hex digits, `t`, `n` or `r`).
+    """
+    text = str(text)
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError:
+        text = _utf8_bytes(text).decode('utf-8', 'backslashreplace')
+    return text.replace('\t', '\\t').replace('\n', '\\n').replace('\r', '\\r')
+
+
+_ESCAPE = re.compile(rb'\\(x[0-9a-f]{2}|[tnr])')
+_CONTROL = {b't': b'\t', b'n': b'\n', b'r': b'\r'}
+
+
+def name_bytes(text: str) -> bytes:
+    r"""The bytes of a name as `printable` escaped it, e.g. from `<split>_unreadable.txt`:
+    `name_bytes('bad\xff.jpg') == b'bad\xff.jpg'`; `os.fsdecode` of them is the name as
+    `os.listdir` gives it."""
+    def unescape(m: re.Match) -> bytes:
+        code = m.group(1)
+        return bytes([int(code[1:], 16)]) if code.startswith(b'x') else _CONTROL[code]
+    return _ESCAPE.sub(unescape, text.encode('utf-8'))
+
+
+def record_id(id: str) -> tuple[str, bytes | None]:
+    r"""(the text stored as a record's `id`, its exact bytes or None).
+
+    A valid UTF-8 id is stored as is (None). Any other (a file name with surrogate escapes) is
+    stored as its bytes with the undecodable ones as `\xNN` escapes, plus its exact bytes.
+    """
+    id = str(id)
+    try:
+        id.encode('utf-8')
+        return id, None
+    except UnicodeEncodeError:
+        raw = _utf8_bytes(id)
+        return raw.decode('utf-8', 'backslashreplace'), raw
+
+
 def encode_record(image: bytes, label: int, id: str,
                   meta: Mapping[str, Any] | None = None) -> bytes:
-    """Serialises one example to a msgpack map."""
+    """Serialises one example to a msgpack map; an id that is not valid UTF-8 is stored
+    escaped, with its exact bytes in `id_bytes` (see `record_id`)."""
     if not isinstance(image, (bytes, bytearray)):
         raise TypeError(f'image must be encoded bytes (JPEG/PNG), got {type(image).__name__}')
-    return msgpack.packb({'image': bytes(image), 'label': int(label), 'id': str(id),
-                          'meta': dict(meta or {})}, use_bin_type=True)
+    text, raw = record_id(id)
+    record = {'image': bytes(image), 'label': int(label), 'id': text,
+              'meta': dict(meta or {})}
+    if raw is not None:
+        record['id_bytes'] = raw
+    return msgpack.packb(record, use_bin_type=True)
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
-    """Parses a record written by `encode_record`: {'image', 'label', 'id', 'meta'}."""
+    """Parses a record written by `encode_record`: {'image', 'label', 'id', 'meta'}, and
+    'id_bytes' when the id is not valid UTF-8."""
     record = msgpack.unpackb(data, raw=False)
     if not isinstance(record, dict) or 'image' not in record or 'label' not in record:
         raise ValueError('Not an sdtl_jax record: expected a msgpack map with "image" and "label"')

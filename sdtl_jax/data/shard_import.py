@@ -1,4 +1,4 @@
-"""Resumable writing of one split from a list of input images: the engine of every importer.
+r"""Resumable writing of one split from a list of input images: the engine of every importer.
 
 An importer lists its inputs as `Item`s (a file, a tar member, a TFDS record) in a fixed order,
 and gives a `load(item)` that returns the record to store. `write_split` then
@@ -19,16 +19,30 @@ images that are RGB already are stored byte for byte; any other decodable image 
 CMYK, RGBA, palette, 16-bit, WebP, BMP, ...) is converted to RGB and stored as lossless PNG.
 Nothing is dropped silently: unreadable inputs are listed, and inputs that `load` skips on
 purpose (e.g. TFDS records of classes outside the list) are counted in the summary line.
+
+EXIF orientation is ignored by default, as torchvision's and timm's ImageFolder do (PIL's
+`Image.open(...).convert('RGB')` does not apply it, nor does training's decoder): an image is
+stored with its pixels as they are in the file. `--exif_transpose` (every importer) stores an
+image whose EXIF Orientation is not 1 turned upright instead (`PIL.ImageOps.exif_transpose`),
+re-encoded as lossless PNG (larger than the JPEG, and decoded at full size in training).
+
+One odd input never stops an import: a file that cannot be read, decoded or stored is listed
+in `<split>_unreadable.txt`, whose lines are UTF-8 with tabs and line breaks escaped and the
+bytes of a name that is not valid UTF-8 written as `\xNN` (`records.printable`). Such a name
+that is readable is stored: the record's `id` shows it escaped the same way and its
+`id_bytes` holds the exact bytes (`records.record_id`).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import hashlib
 import io
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -36,9 +50,11 @@ from typing import Any, NamedTuple
 
 import tqdm
 from absl import flags
-from PIL import Image
+from PIL import Image, ImageOps
 
+from sdtl_jax import metrics_io
 from sdtl_jax.data import archives, records
+from sdtl_jax.errors import UserError
 
 PROGRESS_VERSION = 1
 # Images above this many pixels get a warning line at import. PIL's own limit
@@ -48,6 +64,7 @@ PROGRESS_VERSION = 1
 # visit (multi-crop, one core), some 200 ImageNet-size images; ordinary camera photos stay
 # below, so imports of photo collections stay quiet.
 LARGE_IMAGE_PIXELS = 89_478_485
+ORIENTATION_TAG = 0x0112   # EXIF Orientation: 1 upright, 2..8 mirrored and/or rotated
 
 
 class Item(NamedTuple):
@@ -71,12 +88,23 @@ class Skip(Exception):
     """Raised by `load` for an input left out on purpose; counted by reason, not an error."""
 
 
-def checked_image(data: bytes, source: str) -> bytes:
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF Orientation tag of an opened image (1..8); 1 when absent or unreadable."""
+    try:
+        orientation = int(image.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # a damaged EXIF block: the pixels are still good, leave them as they are
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def checked_image(data: bytes, source: str, exif_transpose: bool = False) -> bytes:
     """The bytes to store for an encoded image; raises ValueError naming `source` if undecodable.
 
     JPEG, and PNG of 8 bits per channel, that decode to RGB are kept byte for byte; anything
     else is decoded through `transforms.decode_pil` (the training pipeline's conversion) and
-    re-encoded as PNG.
+    re-encoded as PNG. EXIF orientation is ignored (as torchvision's ImageFolder does), unless
+    `exif_transpose`: then an image whose Orientation is not 1 is turned upright
+    (`PIL.ImageOps.exif_transpose`) and re-encoded as PNG.
     """
     # Imported here: it imports grain and JAX, which an importer's --help should not wait for.
     from sdtl_jax.data import transforms
@@ -86,8 +114,17 @@ def checked_image(data: bytes, source: str) -> bytes:
     pil = transforms.decode_pil(data, source)   # full decode: catches truncated files
     with Image.open(io.BytesIO(data)) as image:
         fmt, mode = image.format, image.mode
+        orientation = exif_orientation(image) if exif_transpose else 1
     # PNG byte 24 is the IHDR bit depth; PIL shows 16-bit RGB PNGs as mode 'RGB'.
     keep = mode == 'RGB' and (fmt in ('JPEG', 'MPO') or (fmt == 'PNG' and data[24] == 8))
+    if orientation != 1:
+        # exif_transpose reads the tag from the image it is given: the converted image may
+        # have lost it (16-bit conversion), so it gets the original's.
+        exif = Image.Exif()
+        exif[ORIENTATION_TAG] = orientation
+        pil.info['exif'] = exif.tobytes()
+        pil = ImageOps.exif_transpose(pil)
+        keep = False
     if not keep:
         buf = io.BytesIO()
         pil.save(buf, format='PNG')
@@ -109,20 +146,67 @@ def _warn_large(source: str, size: tuple[int, int], scalable: bool) -> None:
                     f'MP); {what}', file=sys.stderr)
 
 
-def load_item(item: Item) -> Example:
+def load_item(item: Item, exif_transpose: bool = False) -> Example:
     """Reads and checks one image: the archive member `item.member`, else the file
-    `item.source`."""
+    `item.source`; `exif_transpose`: see `checked_image`."""
     if item.member is not None:
         data = archives.read_member(*item.member)
     else:
+        # A FIFO or device in an image folder would block or never end: listed, not read.
+        if not stat.S_ISREG(os.stat(item.source).st_mode):
+            raise ValueError(f'{item.source}: not a regular file')
         with open(item.source, 'rb') as f:
             data = f.read()
-    return Example(checked_image(data, item.source), item.label, item.id, {})
+    return Example(checked_image(data, item.source, exif_transpose), item.label, item.id, {})
 
 
-def file_stamp(path: str) -> tuple[int, int]:
-    """(size, mtime_ns): part of the fingerprint, so that a changed file restarts an import."""
-    st = os.stat(path)
+def image_loader(exif_transpose: bool) -> Callable[[Item], Example]:
+    """`load_item`, turning images upright by their EXIF orientation or not."""
+    return functools.partial(load_item, exif_transpose=True) if exif_transpose else load_item
+
+
+def exif_settings(exif_transpose: bool) -> dict[str, Any]:
+    """The fingerprint settings of `--exif_transpose`: switching it on restarts an import
+    (absent when off, so that fingerprints of imports without it stay as they were)."""
+    return {'exif_transpose': True} if exif_transpose else {}
+
+
+def check_class_folders(counts: Mapping[str, int], *, allow_empty: bool, where: str) -> None:
+    """Stops an import before anything is written when a class folder holds no input file
+    (`counts`: folder path -> files listed in it): one-line `UserError` naming the folder and
+    --allow_empty_classes. With `allow_empty`, each such class is kept with 0 examples and one
+    warning line per folder goes to stderr."""
+    empty = [folder for folder, count in counts.items() if count == 0]
+    if not empty:
+        return
+    if not allow_empty:
+        shown = ', '.join(records.printable(f) for f in empty[:3])
+        more = f' and {len(empty) - 3} more' if len(empty) > 3 else ''
+        raise UserError(
+            f'{where}: empty class folder{"s" if len(empty) > 1 else ""} {shown}{more} (no files '
+            f'to import): add images, remove the folder, or pass --allow_empty_classes to '
+            f'keep the class with 0 examples')
+    for folder in empty:
+        print(f'warning: {where}: class folder {records.printable(folder)} is empty; its class '
+              f'is kept with 0 examples (--allow_empty_classes)', file=sys.stderr, flush=True)
+
+
+def define_allow_empty_classes(flag_values: flags.FlagValues) -> None:
+    """--allow_empty_classes, for the importers that read class folders."""
+    flags.DEFINE_boolean('allow_empty_classes', False,
+                         'Keep a class whose folder holds no files, with 0 examples (a warning '
+                         'line names it). Default: an empty class folder stops the import.',
+                         flag_values=flag_values)
+
+
+def file_stamp(path: str) -> tuple:
+    """(size, mtime_ns): part of the fingerprint, so that a changed file restarts an import.
+    A file that cannot be stat'ed (a dangling link, no permission) gets the error's name: it is
+    listed as unreadable when loaded, and the stamp changes once it is fixed."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return (type(e).__name__,)
     return st.st_size, st.st_mtime_ns
 
 
@@ -183,7 +267,11 @@ def _load_one(load: Callable[[Item], Example], item: Item) -> Example | Skip | s
     except Skip as e:
         return e
     except Exception as e:  # every failure is reported by path, with its reason
-        return f'{type(e).__name__}: {e}'.replace('\n', ' ').replace('\t', ' ')
+        return _reason(e)
+
+
+def _reason(e: Exception) -> str:
+    return f'{type(e).__name__}: {e}'.replace('\n', ' ').replace('\t', ' ')
 
 
 def _ordered(pool: concurrent.futures.Executor, fn: Callable, items: Sequence[Item],
@@ -219,9 +307,15 @@ def _write_shard(path: str, items: Sequence[Item], load: Callable[[Item], Exampl
                 unreadable.append((item.source, f'label {result.label} outside the class '
                                                 f'list [0, {num_classes})'))
             else:
-                writer.write(records.encode_record(result.image, result.label, result.id,
-                                                   result.meta))
-                labels.append(int(result.label))
+                try:
+                    record = records.encode_record(result.image, result.label, result.id,
+                                                   result.meta)
+                except Exception as e:  # e.g. a provenance sidecar msgpack cannot hold
+                    result = _reason(e)
+                    unreadable.append((item.source, f'cannot be stored: {result}'))
+                else:
+                    writer.write(record)
+                    labels.append(int(result.label))
             bar.update()
             if isinstance(result, str):
                 bar.set_postfix(unreadable=unreadable_before + len(unreadable), refresh=False)
@@ -280,9 +374,9 @@ def write_split(out_dir: str | os.PathLike, items: Sequence[Item], *, name: str,
     start = time.time()
     initial = sum(min(items_per_shard, len(items) - int(i) * items_per_shard) for i in done)
     num_unreadable = sum(len(s['unreadable']) for s in done.values())
-    bar = tqdm.tqdm(total=len(items), initial=initial, desc=f'{name}/{split}', unit='img',
-                    dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
-                    postfix={'unreadable': num_unreadable})
+    bar = metrics_io.Progress(total=len(items), initial=initial, desc=f'{name}/{split}',
+                              unit='img', dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
+                              postfix={'unreadable': num_unreadable})
     with bar, concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
         for index in todo:
             part = items[index * items_per_shard:(index + 1) * items_per_shard]
@@ -318,8 +412,11 @@ def _finish(out_dir: str, shards: list[dict[str, Any]], problems: Sequence[tuple
     records.write_labels(out_dir, split, labels)
     unreadable_path = _unreadable_path(out_dir, split)
     if unreadable:
-        with open(unreadable_path, 'w') as f:
-            f.writelines(f'{source}\t{reason}\n' for source, reason in unreadable)
+        # One line per input, whatever its name (records.printable): a name that is not UTF-8
+        # or holds a tab or line break would otherwise fail the write or break the format.
+        with open(unreadable_path, 'w', encoding='utf-8') as f:
+            f.writelines(f'{records.printable(source)}\t{records.printable(reason)}\n'
+                         for source, reason in unreadable)
     elif os.path.exists(unreadable_path):
         os.remove(unreadable_path)
     info = {'files': [s['file'] for s in shards], 'num_examples': len(labels),
@@ -331,7 +428,7 @@ def _finish(out_dir: str, shards: list[dict[str, Any]], problems: Sequence[tuple
             f'{num_items:,} inputs ({resumed} shards resumed), {num_read:,} read in '
             f'{seconds:.1f} s, {rate:,.0f}/s; {len(unreadable):,} unreadable')
     if unreadable:
-        line += f' (listed in {unreadable_path})'
+        line += f' (listed in {records.printable(unreadable_path)})'
     for reason, count in sorted(skipped.items()):
         line += f'; {count:,} skipped: {reason}'
     print(line, flush=True)
@@ -355,13 +452,23 @@ def define_writer_flags(flag_values: flags.FlagValues) -> None:
                          lower_bound=1, flag_values=flag_values)
     flags.DEFINE_integer('num_threads', 8, 'Threads that read and check images.', lower_bound=1,
                          flag_values=flag_values)
+    flags.DEFINE_boolean('exif_transpose', False,
+                         'Store images whose EXIF Orientation is not 1 turned upright '
+                         '(PIL.ImageOps.exif_transpose), re-encoded as lossless PNG. Default: '
+                         'off, pixels stored as in the file, EXIF orientation ignored, as '
+                         "torchvision's and timm's ImageFolder (PIL) and training's decoder do.",
+                         flag_values=flag_values)
 
 
 def run_command(write: Callable[[], Sequence[Mapping[str, Any]]]) -> int:
     """Runs an importer for its command line: exit 0 when some records were written, 1 when
-    none were, 2 (with an `error:` line) on missing or bad input."""
+    none were or on an `errors.UserError` (e.g. an empty class folder; one `error:` line), 2
+    (with an `error:` line) on missing or bad input."""
     try:
         summaries = write()
+    except UserError as e:
+        print(f'error: {records.printable(str(e))}', file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

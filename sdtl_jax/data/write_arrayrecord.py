@@ -14,10 +14,20 @@ The writing is `shard_import.write_split`'s: resumable (re-run the same command 
 RGB JPEG/8-bit PNG kept byte for byte and anything else decodable converted to RGB PNG, files
 that do not decode listed in `<out>/<split>_unreadable.txt` (nothing is skipped silently), and
 `<out>/<split>.labels.npy` written beside the shards.
+
+Odd inputs: one file never stops the import. A file name that is not valid UTF-8 (e.g.
+b'bad\xff.jpg') is stored with the id `<class>/bad\xff.jpg` (the bytes escaped) and the exact
+bytes in the record's `id_bytes` (`records.record_id`); listed as unreadable, it appears escaped
+the same way. A class folder with no files stops the import with one line naming it, unless
+`--allow_empty_classes` keeps its class with 0 examples (and a warning line). A sub-folder that
+cannot be listed is listed as unreadable. EXIF orientation is ignored (pixels stored as in the
+file, as torchvision's ImageFolder does) unless `--exif_transpose`, which stores rotated images
+upright, as PNG.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -28,6 +38,7 @@ from absl import app, flags
 
 from sdtl_jax import cli
 from sdtl_jax.data import records, shard_import, sources
+from sdtl_jax.errors import UserError
 
 
 def _normalise(name: str) -> str:
@@ -35,12 +46,14 @@ def _normalise(name: str) -> str:
 
 
 def class_folders(src: str, name: str) -> tuple[list[str], dict[str, int]]:
-    """(classes, folder name -> label). Registered datasets use the registry's order."""
+    """(classes, folder name -> label). Registered datasets use the registry's order; other
+    classes are the sorted folder names (a name that is not valid UTF-8 escaped as
+    `records.printable` does)."""
     folders = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith('.'))
     if not folders:
         raise FileNotFoundError(f'{src} has no class sub-folders (expected one per class)')
     if name not in sources.DATASETS:
-        return folders, {f: i for i, f in enumerate(folders)}
+        return [records.printable(f) for f in folders], {f: i for i, f in enumerate(folders)}
     classes = sources.get(name).classes
     index = {_normalise(c): i for i, c in enumerate(classes)}
     labels = {f: index.get(_normalise(f)) for f in folders}
@@ -55,14 +68,23 @@ def class_folders(src: str, name: str) -> tuple[list[str], dict[str, int]]:
     return classes, labels
 
 
-def list_files(src: str, labels: dict[str, int]) -> tuple[list[tuple[str, int]], int]:
+def list_files(src: str, labels: dict[str, int],
+               problems: list[tuple[str, str]] | None = None
+               ) -> tuple[list[tuple[str, int]], int]:
     """(relative path, label) for every file under the class folders, sorted; hidden count.
 
-    `<stem>.json` files next to an image of the same stem are provenance, not images.
+    `<stem>.json` files next to an image of the same stem are provenance, not images. Folders
+    that cannot be listed are appended to `problems` as (path, reason).
     """
     files, hidden = [], 0
+
+    def walk_error(e: OSError) -> None:
+        if problems is not None:
+            problems.append((e.filename or '?', f'folder not listed: {type(e).__name__}: '
+                                                f'{e.strerror or e}'))
+
     for folder, label in sorted(labels.items()):
-        for root, dirs, names in os.walk(os.path.join(src, folder)):
+        for root, dirs, names in os.walk(os.path.join(src, folder), onerror=walk_error):
             dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
             stems = {os.path.splitext(n)[0] for n in names if not n.endswith('.json')}
             for fname in sorted(names):
@@ -73,9 +95,10 @@ def list_files(src: str, labels: dict[str, int]) -> tuple[list[tuple[str, int]],
     return files, hidden
 
 
-def load_with_sidecar(item: shard_import.Item) -> shard_import.Example:
+def load_with_sidecar(item: shard_import.Item,
+                      exif_transpose: bool = False) -> shard_import.Example:
     """Reads and checks one image; a `<stem>.json` next to it becomes the record's meta."""
-    example = shard_import.load_item(item)
+    example = shard_import.load_item(item, exif_transpose)
     sidecar = os.path.splitext(item.source)[0] + '.json'
     if not os.path.isfile(sidecar):
         return example
@@ -85,9 +108,14 @@ def load_with_sidecar(item: shard_import.Item) -> shard_import.Example:
 
 def convert(src: str, out: str, *, split: str, domain: str, name: str | None = None,
             records_per_shard: int = records.DEFAULT_RECORDS_PER_SHARD,
-            num_threads: int = 8) -> dict[str, Any]:
+            num_threads: int = 8, allow_empty_classes: bool = False,
+            exif_transpose: bool = False) -> dict[str, Any]:
     """Converts `src` into shards of `split` in `out` (resumable); returns the summary of
-    `shard_import.write_split` plus 'classes' and 'hidden_skipped'."""
+    `shard_import.write_split` plus 'classes' and 'hidden_skipped'.
+
+    Raises `UserError` (before writing anything) when a class folder holds no file, unless
+    `allow_empty_classes`; `exif_transpose`: see `shard_import.checked_image`.
+    """
     src, out = os.path.abspath(src), os.path.abspath(out)
     name = name or os.path.basename(out.rstrip(os.sep))
     if domain not in records.DOMAINS:
@@ -97,9 +125,23 @@ def convert(src: str, out: str, *, split: str, domain: str, name: str | None = N
     if not os.path.isdir(src):
         raise FileNotFoundError(f'--src={src} is not a directory')
     classes, labels = class_folders(src, name)
-    files, hidden = list_files(src, labels)
-    print(f'[{name}/{split}] {len(files)} files in {len(labels)} class folders of {src}'
-          + (f' ({hidden} hidden files skipped)' if hidden else ''), flush=True)
+    problems: list[tuple[str, str]] = []
+    files, hidden = list_files(src, labels, problems)
+    per_label = {label: 0 for label in labels.values()}
+    for _, label in files:
+        per_label[label] += 1
+    counts = {os.path.join(src, folder): per_label[label]
+              for folder, label in sorted(labels.items())}
+    where = f'[{name}/{split}] {records.printable(src)}'
+    unlisted = [(path, reason) for path, reason in problems if counts.get(path) == 0]
+    if unlisted and not allow_empty_classes:
+        raise UserError(f'{where}: class folder {records.printable(unlisted[0][0])} cannot be '
+                        f'read ({unlisted[0][1]}); fix it, or pass --allow_empty_classes to keep '
+                        f'the class with 0 examples')
+    shard_import.check_class_folders(counts, allow_empty=allow_empty_classes, where=where)
+    print(f'[{name}/{split}] {len(files)} files in {len(labels)} class folders of '
+          f'{records.printable(src)}' + (f' ({hidden} hidden files skipped)' if hidden else ''),
+          flush=True)
     items = []
     for rel, label in files:
         path = os.path.join(src, rel)
@@ -108,9 +150,12 @@ def convert(src: str, out: str, *, split: str, domain: str, name: str | None = N
         stamp = shard_import.file_stamp(path) + (
             shard_import.file_stamp(sidecar) if os.path.isfile(sidecar) else ())
         items.append(shard_import.Item(path, rel, label, stamp))
+    load = (functools.partial(load_with_sidecar, exif_transpose=True) if exif_transpose
+            else load_with_sidecar)
     summary = shard_import.write_split(
-        out, items, name=name, domain=domain, classes=classes, split=split,
-        load=load_with_sidecar, items_per_shard=records_per_shard, num_threads=num_threads)
+        out, items, name=name, domain=domain, classes=classes, split=split, load=load,
+        items_per_shard=records_per_shard, num_threads=num_threads, problems=problems,
+        settings=shard_import.exif_settings(exif_transpose))
     return {**summary, 'classes': classes, 'hidden_skipped': hidden}
 
 
@@ -126,6 +171,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string('name', None, 'Dataset name (default: basename of --out); registered: '
                         f'{", ".join(sorted(sources.DATASETS))}.', flag_values=flag_values)
     shard_import.define_writer_flags(flag_values)
+    shard_import.define_allow_empty_classes(flag_values)
     flags.adopt_module_key_flags(shard_import, flag_values=flag_values)
 
 
@@ -136,7 +182,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
     f = flag_values
     return shard_import.run_command(lambda: [convert(
         f.src, f.out, split=f.split, domain=f.domain, name=f.name,
-        records_per_shard=f.records_per_shard, num_threads=f.num_threads)])
+        records_per_shard=f.records_per_shard, num_threads=f.num_threads,
+        allow_empty_classes=f.allow_empty_classes, exif_transpose=f.exif_transpose)])
 
 
 if __name__ == '__main__':
