@@ -12,7 +12,8 @@ def get_config(arg=None):
     arg = config_lib.parse_arg(arg, data='imagenet100', model='', domain='real', demo=False,
                                smoke=False)
     if arg.domain not in ('real', 'synth'):
-        raise ValueError(f'Config argument domain={arg.domain!r}; allowed: real, synth')
+        raise config_lib.ConfigArgumentError(
+            f'Config argument domain={arg.domain!r}; allowed: real, synth')
     c = config_lib.base(data=arg.data, model=arg.model or None, demo=arg.demo, smoke=arg.smoke)
     c.data.train = c.data[arg.domain]
     return c

@@ -40,6 +40,8 @@ from typing import Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from sdtl_jax.errors import UserError
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The sweep sets these per host; the user's values choose the runs and the report instead.
 OWN_OVERRIDES = ('config.study.only', 'config.study.report')
@@ -194,6 +196,8 @@ def main(argv: Sequence[str]) -> int:
         except (flags.Error, TypeError, ValueError) as e:
             lines = [line for line in str(e).splitlines() if line.strip()]
             raise UsageError(lines[-1] if lines else repr(e)) from None
+        except UserError as e:                      # a misspelt :arg, named in one line
+            raise UsageError(str(e)) from None
         except (AttributeError, KeyError) as e:     # a --config.key the config lacks
             while e.args and isinstance(e.args[0], BaseException):
                 e = e.args[0]

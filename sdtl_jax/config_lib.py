@@ -19,6 +19,7 @@ import ml_collections
 
 from sdtl_jax import models
 from sdtl_jax.data import augment, sources
+from sdtl_jax.errors import UserError
 from sdtl_jax.models import layers
 
 # The paper's two settings (docs/paper.md §4 and 8) and the embedded demo data. `model` is the
@@ -41,37 +42,60 @@ MODELS = tuple(SMALL_MODELS)
 DTYPES = ('auto', 'float32', 'bfloat16')
 AUGMENTATIONS = augment.PIPELINES
 FROZEN_BN = layers.FROZEN_BN
+IF_CONFIG_CHANGED = ('stop', 'move_aside')
 NUM_LAYERS = layers.NUM_LAYERS
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot run: names the key, the value and what is allowed. A
+    ValueError too, for the callers that catch config errors as ValueError."""
+
+
+class ConfigArgumentError(UserError):
+    """A bad `:arg` of a config file (`--config=configs/X.py:arg`). Not a ValueError:
+    ml_collections and absl turn those into a flag error holding the traceback as text, which
+    absl prints; this one reaches `main.parse_flags`, which prints it as one line."""
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """Parses big_vision-style `key=value,flag` strings against typed defaults.
 
-    A bare word sets a boolean default to True (`demo`, `smoke`). Unknown keys are errors, so a
-    typo in `--config=...:num_frozn=4` never runs the wrong experiment.
+    A bare word sets a boolean default to True (`demo`, `smoke`). Unknown keys are errors
+    (ConfigArgumentError), so a typo in `--config=...:num_frozn=4` never runs the wrong
+    experiment.
     """
     parsed = dict(defaults)
     for item in filter(None, (arg or '').split(',')):
         key, sep, value = item.partition('=')
         key = key.strip()
         if key not in defaults:
-            raise ValueError(f'Unknown config argument {key!r}; allowed: {sorted(defaults)}')
+            close = difflib.get_close_matches(key, defaults, n=1)
+            hint = f'did you mean {close[0]!r}? ' if close else ''
+            raise ConfigArgumentError(f'Unknown config argument {key!r}; {hint}allowed: '
+                                      f'{_argument_usage(defaults)}')
         default = defaults[key]
         if not sep:
             if not isinstance(default, bool):
-                raise ValueError(f'Config argument {key!r} needs a value ({key}=...)')
+                raise ConfigArgumentError(f'Config argument {key!r} needs a value ({key}=...)')
             parsed[key] = True
         elif isinstance(default, bool):
             if value.lower() not in ('true', 'false', '1', '0'):
-                raise ValueError(f'Config argument {key}={value!r}: expected true or false')
+                raise ConfigArgumentError(f'Config argument {key}={value!r}: expected true or '
+                                          'false')
             parsed[key] = value.lower() in ('true', '1')
         else:
             try:
                 parsed[key] = type(default)(value)
             except ValueError:
-                raise ValueError(f'Config argument {key}={value!r}: expected '
-                                 f'{type(default).__name__}') from None
+                raise ConfigArgumentError(f'Config argument {key}={value!r}: expected '
+                                          f'{type(default).__name__}') from None
     return ml_collections.ConfigDict(parsed)
+
+
+def _argument_usage(defaults: dict) -> str:
+    """'data=..., demo, ...': how each argument is written, flags bare."""
+    return ', '.join(key if isinstance(defaults[key], bool) else f'{key}=...'
+                     for key in sorted(defaults))
 
 
 def base(*, data: str, model: str | None = None, demo: bool = False,
@@ -83,11 +107,11 @@ def base(*, data: str, model: str | None = None, demo: bool = False,
     variant runs 3 steps per stage (for tests).
     """
     if data not in DATA_PRESETS:
-        raise ValueError(f'Unknown data {data!r}; allowed: {sorted(DATA_PRESETS)}')
+        raise ConfigArgumentError(f'Unknown data {data!r}; allowed: {sorted(DATA_PRESETS)}')
     preset = DATA_PRESETS['digits' if demo or smoke else data]
     model = model or DATA_PRESETS[data]['model']
     if model not in MODELS:
-        raise ValueError(f'Unknown model {model!r}; allowed: {list(MODELS)}')
+        raise ConfigArgumentError(f'Unknown model {model!r}; allowed: {list(MODELS)}')
 
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -160,6 +184,9 @@ def base(*, data: str, model: str | None = None, demo: bool = False,
     c.checkpoint.every_epochs = 1
     c.checkpoint.keep = 3
     c.log_every_steps = 10
+    # A workdir that holds a run of another config (run_identity.NOT_IDENTITY aside): 'stop'
+    # names the changed keys; 'move_aside' moves the old run into <workdir>/replaced/<time>/.
+    c.if_config_changed = 'stop'
 
     if demo or smoke:
         # 8x8 digits: decoding is trivial, worker processes would only add start-up time.
@@ -237,8 +264,12 @@ def steps(config: ml_collections.ConfigDict, num_train_examples: int) -> Steps:
     last partial batch is dropped (docs/paper.md §4)."""
     per_epoch = num_train_examples // config.global_batch
     if per_epoch == 0:
-        raise ValueError(f'{num_train_examples} training examples make no full batch of '
-                         f'global_batch={config.global_batch}')
+        raise ConfigError(
+            f'{num_train_examples} training example(s) of {config.data.train!r} (config.data.'
+            f'train_fraction={config.data.train_fraction:g}, data.max_train_examples='
+            f'{config.data.max_train_examples}) make no full batch of config.global_batch='
+            f'{config.global_batch}; raise data.train_fraction or data.max_train_examples, or '
+            'lower global_batch')
     return Steps(per_epoch=per_epoch, total=per_epoch * config.num_epochs,
                  warmup=per_epoch * config.warmup_epochs)
 
@@ -267,7 +298,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
     try:    # the model's own checks (e.g. 18 layers); constructs the module, no parameters
         models.build(config.model, num_classes=1)
     except ValueError as e:
-        raise ValueError(f'config.model={config.model.to_dict()!r} is invalid: {e}') from None
+        raise ConfigError(f'config.model={config.model.to_dict()!r} is invalid: {e}') from None
 
     # Datasets: registry names, all with data.eval's labels. A stage trains on data.train, a
     # transfer's source stage on transfer.source_data, a study's baselines on data.real/synth.
@@ -324,10 +355,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, num_process
     check(not config.transfer.num_frozen or is_transfer(config), 'transfer.num_frozen',
           '0 when there is no transfer.source_data or transfer.init_from')
     check(config.transfer.frozen_bn in FROZEN_BN, 'transfer.frozen_bn', list(FROZEN_BN))
+    check(config.if_config_changed in IF_CONFIG_CHANGED, 'if_config_changed',
+          list(IF_CONFIG_CHANGED))
 
 
 def check_overrides(config: ml_collections.ConfigDict, keys) -> None:
-    """Raises ValueError for a command-line override `--config.<key>` that is not a key of
+    """Raises ConfigError for a command-line override `--config.<key>` that is not a key of
     `config`, naming the closest key and the section's keys (ml_collections raises a bare
     KeyError from inside absl's flag parser)."""
     for key in keys:
@@ -335,7 +368,7 @@ def check_overrides(config: ml_collections.ConfigDict, keys) -> None:
         for part in key.split('.'):
             allowed = list(node) if isinstance(node, ml_collections.ConfigDict) else []
             if part not in allowed:
-                raise ValueError(_unknown_key(section, part, allowed))
+                raise ConfigError(_unknown_key(section, part, allowed))
             node, section = node[part], f'{section}.{part}'
 
 
@@ -355,7 +388,7 @@ def _get(config, dotted_key):
 
 def _check(config, ok, key, allowed):
     if not ok:
-        raise ValueError(f'config.{key}={_get(config, key)!r} is invalid; allowed: {allowed}')
+        raise ConfigError(f'config.{key}={_get(config, key)!r} is invalid; allowed: {allowed}')
 
 
 def _unknown_key(section: str, key: str, allowed: list[str]) -> str:
@@ -379,16 +412,16 @@ def _check_section(config, reference, section: str) -> None:
     """Every key of `config` is one of `reference`'s, holding a value of the same type."""
     for key in config:
         if key not in reference:
-            raise ValueError(_unknown_key(section, key, list(reference)))
+            raise ConfigError(_unknown_key(section, key, list(reference)))
         value, expected, name = config[key], reference[key], f'{section}.{key}'
         expected_type = reference.get_type(key)
         if isinstance(expected, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
-                raise ValueError(f'{name}={value!r} is invalid; allowed: a section with keys '
+                raise ConfigError(f'{name}={value!r} is invalid; allowed: a section with keys '
                                  f'{list(expected)}')
             _check_section(value, expected, name)
         elif not _has_type(value, expected, expected_type):
-            raise ValueError(f'{name}={value!r} is invalid; allowed: '
+            raise ConfigError(f'{name}={value!r} is invalid; allowed: '
                              f'{_type_name(expected, expected_type)}')
 
 

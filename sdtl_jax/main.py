@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sdtl_jax import cli
+from sdtl_jax.errors import UserError
 
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and results go.',
                     required=True)
@@ -57,23 +58,30 @@ def main(argv):
                                 num_processes=jax.process_count())
     except ValueError as e:
         sys.exit(f'FATAL config error: {e}')
-    if is_study:
-        study.run(FLAGS.config, FLAGS.workdir)      # prints where its report went
-        return
-    results = train.run(FLAGS.config, FLAGS.workdir)
+    try:
+        if is_study:
+            study.run(FLAGS.config, FLAGS.workdir)      # prints where its report went
+            return
+        results = train.run(FLAGS.config, FLAGS.workdir)
+    except UserError as e:
+        # Every process exits 1; one line from process 0 is enough, not one per host.
+        sys.exit(f'FATAL {e}' if jax.process_index() == 0 else 1)
     if jax.process_index() == 0:
         print(json.dumps(results, indent=2, sort_keys=True))
 
 
 def parse_flags(argv):
-    """absl's flag parsing (`cli.parse_flags`: --help exits 0), but a `--config.key` that the
-    config lacks is one line naming the closest key and the section's keys: ml_collections
-    raises a bare KeyError or AttributeError from inside absl's parser, which absl shows as a
-    long traceback."""
+    """absl's flag parsing (`cli.parse_flags`: --help exits 0), but two errors are one line:
+    a UserError from the config file's `get_config(arg)` (a misspelt `:arg`), and a
+    `--config.key` that the config lacks, named with the closest key and the section's keys:
+    ml_collections raises a bare KeyError or AttributeError from inside absl's parser, which
+    absl shows as a long traceback."""
+    path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
     try:
         return cli.parse_flags(argv)
+    except UserError as e:
+        sys.exit(f'FATAL Flags parsing error: --config={path}: {e}')
     except (KeyError, AttributeError):
-        path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
         if path is None:
             raise
         # Imported here: it imports JAX, which `--help` should not wait for.

@@ -64,7 +64,7 @@ def test_source_stage_trains_on_the_source_domain():
     ('data=cifar', 'cifar'),
 ])
 def test_bad_arguments_name_the_key(arg, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(config_lib.ConfigArgumentError, match=message):
         load(pathlib.Path('configs/real_to_synth.py'), arg)
 
 

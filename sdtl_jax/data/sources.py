@@ -29,10 +29,35 @@ import os
 from typing import Any
 
 from sdtl_jax.data import records
+from sdtl_jax.errors import UserError
 
 _REFERENCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               'reference')
+# How each non-demo dataset is made into its folder `{out}`, besides write_arrayrecord from an
+# image folder: the real ones imported from their published files, the synthetic generated.
+MAKE_COMMANDS = {
+    'imagenet100_real': (
+        'python -m sdtl_jax.data.import_imagenet100 --src=<ImageNet-1k folder> --out={out}',
+        'python -m sdtl_jax.data.import_tfds --name=imagenet2012 --out={out}'),
+    'pets_real': (
+        'python -m sdtl_jax.data.import_pets --src=<folder of the official archives> --out={out}',
+        'python -m sdtl_jax.data.import_tfds --name=oxford_iiit_pet --out={out}'),
+    'imagenet100_synth': (
+        'python -m sdtl_jax.generate --config=configs/generate/imagenet100_sd14.py '
+        '--outdir={out}',),
+    'pets_synth': (
+        'python -m sdtl_jax.generate --config=configs/generate/pets_sdxl.py --outdir={out}',),
+}
 DIGIT_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
+
+
+class DatasetNotFoundError(UserError, FileNotFoundError):
+    """A dataset, split or shard is not on disk: the message names the folder and the command
+    that makes it. A FileNotFoundError too, for the callers that catch it as one."""
+
+
+class DatasetMismatchError(UserError, ValueError):
+    """A dataset on disk disagrees with the registry (classes, domain)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,45 +141,27 @@ def get(name: str) -> DatasetInfo:
 
 
 def _missing_message(info: DatasetInfo, dataset_dir: str, split: str, problem: str) -> str:
-    importers = {  # the real datasets, from their published files
-        'imagenet100_real': (
-            'an ImageNet-1k folder (train/<wnid>/, val/) or the ILSVRC2012 tars',
-            'python -m sdtl_jax.data.import_imagenet100 --src=<ImageNet-1k folder> --out={out}\n'
-            '  (or --train_tar=ILSVRC2012_img_train.tar --val_tar=ILSVRC2012_img_val.tar '
-            '--devkit=ILSVRC2012_devkit_t12.tar.gz instead of --src)',
-            'imagenet2012'),
-        'pets_real': (
-            'the official images.tar.gz and annotations.tar.gz (or their folders)',
-            'python -m sdtl_jax.data.import_pets --src=<folder holding them> --out={out}',
-            'oxford_iiit_pet'),
-    }
-    lines = [problem,
-             f'Dataset {info.name!r} ({info.description}) must be in {dataset_dir}/: '
-             f'{records.META_FILE} and the shards {split}-NNNNN-of-MMMMM.array_record '
-             f'(splits used: {", ".join(info.splits)}).']
-    if info.name in importers:
-        what, command, tfds_name = importers[info.name]
-        lines += [f'Import it from {what}:', '  ' + command.format(out=dataset_dir),
-                  f'or from TFDS ({tfds_name} prepared as array_record):',
-                  f'  python -m sdtl_jax.data.import_tfds --name={tfds_name} '
-                  f'--out={dataset_dir}',
-                  'or from an image folder with one sub-folder per class:']
-    else:
-        lines.append(f'Make them from an image folder with one sub-folder per class '
-                     f'({len(info.classes)} classes, e.g. {info.classes[0]!r}):')
-    lines += [f'  python -m sdtl_jax.data.write_arrayrecord --src=<image folder> '
-              f'--out={dataset_dir} --split={split} --domain={info.domain} --name={info.name}',
-              '(set $SDTL_DATA_DIR or config.data.data_dir to use another data directory).']
-    return '\n'.join(lines)
+    """One line: which dataset is missing, where it was looked for, and the commands that make
+    it there."""
+    make = [f'`{command.format(out=dataset_dir)}`' for command in MAKE_COMMANDS.get(info.name, ())]
+    make.append(f'from an image folder with one sub-folder per class ({len(info.classes)} '
+                f'classes, e.g. {info.classes[0]!r}): `python -m sdtl_jax.data.write_arrayrecord '
+                f'--src=<image folder> --out={dataset_dir} --split={split} '
+                f'--domain={info.domain} --name={info.name}`')
+    return (f'Dataset {info.name!r} ({info.description}) not found: {problem}; it needs '
+            f'{records.META_FILE} and the shards {split}-NNNNN-of-MMMMM.array_record. Make it: '
+            f'{", or ".join(make)}; or point --config.data.data_dir (or $SDTL_DATA_DIR) at '
+            f'the folder that holds {info.name}/')
 
 
 def resolve(name: str, data_dir: str | os.PathLike | None = None,
             split: str = 'train') -> DatasetSplit:
     """Finds a dataset split on disk and checks it against the registry.
 
-    The demo datasets are built on first use. Raises ValueError for an unknown name, a class list
-    that differs from the registry's or a domain mismatch; FileNotFoundError, naming the expected
-    directory, files and the command that makes them, when the data is not there.
+    The demo datasets are built on first use. Raises ValueError for an unknown name,
+    DatasetMismatchError for a class list that differs from the registry's or a domain mismatch,
+    DatasetNotFoundError (one line naming the expected folder, files and the commands that make
+    them) when the data is not there.
     """
     info = get(name)
     data_dir = os.fspath(data_dir) if data_dir else default_data_dir()
@@ -162,26 +169,36 @@ def resolve(name: str, data_dir: str | os.PathLike | None = None,
     if info.demo:
         # Imported here: demo pulls in sklearn and matplotlib, which real runs never need.
         from sdtl_jax.data import demo
-        demo.ensure_demo_data(data_dir)
+        try:
+            demo.ensure_demo_data(data_dir)
+        except OSError as e:    # a data_dir that cannot be made or written
+            raise DatasetNotFoundError(
+                f'Dataset {name!r} is built on first use in {dataset_dir}, which failed '
+                f'({type(e).__name__}: {e}); point --config.data.data_dir (or $SDTL_DATA_DIR) '
+                'at a folder you can write') from e
     try:
         meta = records.read_meta(dataset_dir)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(_missing_message(info, dataset_dir, split, str(e))) from None
+    except FileNotFoundError:
+        # read_meta's message says how to make any dataset folder; ours, this dataset's.
+        problem = (f'{dataset_dir} has no {records.META_FILE}' if os.path.isdir(dataset_dir)
+                   else f'{dataset_dir} does not exist')
+        raise DatasetNotFoundError(_missing_message(info, dataset_dir, split, problem)) from None
     meta_path = os.path.join(dataset_dir, records.META_FILE)
     if meta['classes'] != info.classes:
         diff = [(i, a, b) for i, (a, b) in enumerate(zip(meta['classes'], info.classes)) if a != b]
-        raise ValueError(
+        raise DatasetMismatchError(
             f'{meta_path} lists {len(meta["classes"])} classes, the registry has '
             f'{len(info.classes)} for {name!r}; first differences (label, meta.json, registry): '
             f'{diff[:5]}. Labels must follow the registry order (real and synthetic share it): '
             f'rewrite the shards with write_arrayrecord --name={name}.')
     if meta['domain'] != info.domain:
-        raise ValueError(f'{meta_path} says domain {meta["domain"]!r}, the registry says '
-                         f'{info.domain!r} for {name!r}')
+        raise DatasetMismatchError(f'{meta_path} says domain {meta["domain"]!r}, the registry '
+                                   f'says {info.domain!r} for {name!r}; rewrite it with '
+                                   f'write_arrayrecord --domain={info.domain} --name={name}')
     if split not in meta['splits']:
-        raise FileNotFoundError(_missing_message(
+        raise DatasetNotFoundError(_missing_message(
             info, dataset_dir, split,
-            f'{meta_path} has no split {split!r} (it has {sorted(meta["splits"])}).'))
+            f'{meta_path} has no split {split!r} (it has {sorted(meta["splits"])})'))
     return dataclasses.replace(split_from_dir(dataset_dir, split, meta=meta), name=name)
 
 
@@ -192,15 +209,15 @@ def split_from_dir(dataset_dir: str | os.PathLike, split: str,
     meta = meta or records.read_meta(dataset_dir)
     meta_path = os.path.join(dataset_dir, records.META_FILE)
     if split not in meta['splits']:
-        raise FileNotFoundError(f'{meta_path} has no split {split!r} (it has '
-                                f'{sorted(meta["splits"])})')
+        raise DatasetNotFoundError(f'{meta_path} has no split {split!r} (it has '
+                                   f'{sorted(meta["splits"])})')
     entry = meta['splits'][split]
     files = [os.path.join(dataset_dir, f) for f in entry['files']]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
-        raise FileNotFoundError(f'{len(missing)} shard(s) listed in {meta_path} are missing, '
-                                f'e.g. {missing[0]}; rewrite split {split!r} with '
-                                f'python -m sdtl_jax.data.write_arrayrecord')
+        raise DatasetNotFoundError(f'{len(missing)} shard(s) listed in {meta_path} are '
+                                   f'missing, e.g. {missing[0]}; rewrite split {split!r} with '
+                                   f'python -m sdtl_jax.data.write_arrayrecord')
     return DatasetSplit(name=meta['name'], split=split, files=files,
                         num_examples=entry['num_examples'], classes=list(meta['classes']),
                         domain=meta['domain'], class_counts=list(entry['class_counts']))

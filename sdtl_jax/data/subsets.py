@@ -19,9 +19,20 @@ import numpy as np
 
 from sdtl_jax import fileio
 from sdtl_jax.data import records, sources
+from sdtl_jax.errors import UserError
 
 SUBSET_FILE = 'train_subset.json'
 _SUBSET_TAG = 2   # keeps this seed independent of the shuffle's and the augmentation's
+# What each setting stored with a subset is called in the config.
+_CONFIG_KEYS = {'dataset': 'config.data.train', 'split': 'config.data.train_split',
+                'num_examples': 'the records in config.data.train',
+                'fraction': 'config.data.train_fraction', 'stratified': 'config.data.stratified',
+                'seed': 'config.seed', 'max_examples': 'config.data.max_train_examples'}
+
+
+class SubsetMismatchError(UserError, ValueError):
+    """The workdir's stored subset was drawn with other settings than this run's. A ValueError
+    too, for the callers that catch it as one."""
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -99,10 +110,18 @@ def _store_or_check(path: str, indices: np.ndarray, *, write: bool,
     if fileio.exists(path):
         stored = json.loads(fileio.read_text(path))
         if stored['indices'] != indices.tolist():
-            shown = {k: stored.get(k) for k in description}
-            raise ValueError(f'{path} holds another training subset ({shown}) than this run '
-                             f'draws ({description}); use a new workdir or the same data '
-                             f'settings')
+            raise SubsetMismatchError(_mismatch_message(path, stored, description))
     elif write:
         fileio.write_text(path, json.dumps(
             {**description, 'size': len(indices), 'indices': indices.tolist()}))
+
+
+def _mismatch_message(path: str, stored: dict[str, Any], description: dict[str, Any]) -> str:
+    """Names the settings that differ, as config keys, with the stored and the new value."""
+    changed = [f'{_CONFIG_KEYS[k]}={stored.get(k)!r} there, {description[k]!r} here'
+               for k in description if stored.get(k) != description[k]]
+    # Same settings, other records: the split was rewritten with as many records, or the draw
+    # itself changed with sdtl_jax.
+    why = '; '.join(changed) or f'the same settings ({description}) draw other records now'
+    return (f'{path} holds another training subset than this run draws ({why}); rerun with '
+            f'the settings it was drawn with, or use a new --workdir')

@@ -16,6 +16,7 @@ runs that batch again, pixel-exact with the same speed settings, device and libr
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -27,10 +28,25 @@ from sdtl_jax.data import generator as generator_lib
 
 DTYPES = ('auto', 'float32', 'float16', 'bfloat16')
 ATTENTION = ('sdpa', 'default')
+# Importing diffusers' pipelines reaches for CLIP's image processor (the safety checker's
+# feature extractor) and SigLIP's; without torchvision, transformers 5 falls back to their PIL
+# versions and says so on every run: a warning with nothing in it for the user to act on.
+TORCHVISION_FALLBACK_LOGGER = 'transformers.utils.import_utils'
+TORCHVISION_FALLBACK_WARNING = 'requires torchvision (not installed); falling back to'
 
 
 class ModelNotFoundError(RuntimeError):
     """The pipeline's weights could not be loaded (no network, wrong id or path)."""
+
+
+def _not_torchvision_fallback(record: logging.LogRecord) -> bool:
+    return TORCHVISION_FALLBACK_WARNING not in record.getMessage()
+
+
+def quiet_torchvision_fallback() -> None:
+    """Drops transformers' warning that an image processor falls back to PIL for want of
+    torchvision; its other messages stay."""
+    logging.getLogger(TORCHVISION_FALLBACK_LOGGER).addFilter(_not_torchvision_fallback)
 
 
 def library_versions() -> dict[str, str]:
@@ -97,6 +113,7 @@ def load_pipeline(model: str, *, revision: str = '', local_files_only: bool = Fa
     `info` holds what provenance needs: model, revision, model_commit, pipeline and scheduler
     class, dtype, device, safety_checker.
     """
+    quiet_torchvision_fallback()
     import diffusers
     import torch
 

@@ -34,6 +34,7 @@ import tempfile
 from absl import app, flags
 
 from sdtl_jax import cli
+from sdtl_jax.generate import diffusion
 
 # The published configs (model_index.json's components), less the keys that only record
 # provenance (_class_name, _diffusers_version, architectures, ...) and any the classes do not
@@ -212,6 +213,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    diffusion.quiet_torchvision_fallback()      # before diffusers is imported
     path = write_sd14(flag_values.out, seed=flag_values.seed,
                       safety_checker=flag_values.safety_checker, dtype=flag_values.dtype,
                       device=flag_values.device)

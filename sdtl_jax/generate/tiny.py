@@ -19,6 +19,7 @@ import os
 from absl import app, flags
 
 from sdtl_jax import cli
+from sdtl_jax.generate import diffusion
 
 
 def _byte_chars() -> list[str]:
@@ -48,7 +49,7 @@ def write_tokenizer(path: str) -> int:
         json.dump(vocab, f)
     with open(os.path.join(path, 'merges.txt'), 'w') as f:
         f.write('#version: 0.2\n')
-    # TRAPS.md: CLIPTokenizer(vocab_file=...) ignores the files in transformers 5; load the dir.
+    # CLIPTokenizer(vocab_file=...) ignores the files in transformers 5: load the folder.
     CLIPTokenizer.from_pretrained(path, model_max_length=77).save_pretrained(path)
     return len(vocab)
 
@@ -101,7 +102,7 @@ def write_tiny_sd(path: str, *, seed: int = 0, safety_checker: bool = True) -> s
         out_channels=4, down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
         up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'), cross_attention_dim=32,
         attention_head_dim=4, norm_num_groups=2)
-    # steps_offset=1 as in SD 1.4's scheduler config (TRAPS.md: else reloads differ).
+    # steps_offset=1 as in SD 1.4's scheduler config (else reloads differ).
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
                               skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     checker, extractor = _safety_checker() if safety_checker else (None, None)
@@ -153,6 +154,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    diffusion.quiet_torchvision_fallback()      # before diffusers is imported
     (write_tiny_sdxl if flag_values.sdxl else write_tiny_sd)(flag_values.out)
     print(f'wrote a tiny random {"SDXL" if flag_values.sdxl else "SD"} pipeline to '
           f'{flag_values.out}')
