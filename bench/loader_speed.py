@@ -105,14 +105,16 @@ def large_jpeg_line(side: int = 10_000, visits: int = 3) -> str:
     (smooth colours, quality 90), in this process."""
     import cv2
 
-    from sdtl_jax.data import transforms
+    from sdtl_jax.data import augment, transforms
 
     small = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
     image = cv2.resize(small, (side, side), interpolation=cv2.INTER_CUBIC)
     ok, encoded = cv2.imencode('.jpg', image, [cv2.IMWRITE_JPEG_QUALITY, 90])
     del image
     record = records.encode_record(encoded.tobytes(), 0, 'large')
-    multicrop, evaluation = transforms.MultiCrop(), transforms.EvalTransform()
+    # The recipe's crops (config_lib's aug section, as training builds them), at full size.
+    multicrop = augment.build(config_lib.base(data='imagenet100').aug)
+    evaluation = transforms.EvalTransform()
 
     def seconds(fn) -> float:
         times = []

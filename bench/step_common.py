@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sdtl_jax import config_lib
-from sdtl_jax.data import photometric, sources, transforms
+from sdtl_jax.data import augment, photometric, sources, transforms
 
 # The paper pairs each model with one dataset (docs/paper.md §4): its global batch and classes.
 PAPER_DATA = {'resnet50': 'imagenet100', 'tinyvit_5m': 'pets'}
@@ -88,6 +88,16 @@ def recipe(spec: StepSpec):
     return config
 
 
+def recipe_multicrop(spec: StepSpec) -> transforms.MultiCrop:
+    """The training augmentation of the step: config_lib's aug section, built as training builds
+    it (not MultiCrop's defaults, which training never reads), at the spec's crop counts and
+    sizes."""
+    aug = recipe(spec).aug
+    aug.update(num_global=spec.num_global, global_size=spec.global_size,
+               num_local=spec.num_local, local_size=spec.local_size)
+    return augment.build(aug)
+
+
 def resolve_dtype(spec: StepSpec, platform: str) -> str:
     """'float32' or 'bfloat16', as training resolves `config.dtype` on this platform."""
     return config_lib.compute_dtype(spec.dtype, platform)
@@ -96,13 +106,13 @@ def resolve_dtype(spec: StepSpec, platform: str) -> str:
 def synthetic_batch(spec: StepSpec, seed: int = 0) -> dict[str, np.ndarray]:
     """A training batch as the multi-crop loader yields it (docs/architecture.md, "Data
     contract"): uint8 crops of random pixels (the step's cost does not depend on them), the
-    light ops drawn with the recipe's probabilities, and labels."""
+    light ops drawn with the recipe's probabilities (`recipe_multicrop`), and labels."""
     rng = np.random.default_rng(seed)
-    multicrop = transforms.MultiCrop()   # its light-op probabilities are the recipe's
+    multicrop = recipe_multicrop(spec)
     batch = {'label': rng.integers(0, spec.num_classes, (spec.batch,), np.int32)}
-    for key, count, size, ops in (('global', spec.num_global, spec.global_size,
+    for key, count, size, ops in (('global', multicrop.num_global, multicrop.global_size,
                                    multicrop.global_ops),
-                                  ('local', spec.num_local, spec.local_size,
+                                  ('local', multicrop.num_local, multicrop.local_size,
                                    multicrop.local_ops)):
         if not count:
             continue

@@ -3,9 +3,13 @@ r"""The study report: report.md and figures, rebuilt at any time from a study wo
   python -m sdtl_jax.report --workdir=DIR
 
 reads DIR/study.json (written by `study.py`) and each finished run's DIR/<run>/results.json.
-A run without results.json is pending: 'pending' in the tables, left out of figures and fits,
-so the report can be rewritten while a study is still running. Where the study is the paper's
-own setting, the paper's numbers (reference/paper_tables.json) stand beside ours:
+A run without results.json is pending, so the report can be rewritten while a study is still
+running: 'pending' in the tables, left out of the fits, and in the figures a hollow marker on the
+x axis at the run's x position (it has no top-1 yet; a pending baseline of Figure 2, which has
+no x, appears in the legend only). Each table gives the number of images a run trained on
+(results.json's `train_examples`), so fractions that end up with the same images show. Where
+the study is the paper's own setting, the paper's numbers (reference/paper_tables.json) stand
+beside ours:
 
 - layers on (imagenet100, resnet50): Tables 2-3 and Figure 2; on (pets, tinyvit_5m): Tables 4-5;
 - data_reduction on (imagenet100, resnet50): Tables 6a-6b and Figure 3's fit;
@@ -45,8 +49,10 @@ PAPER_TABLES = {
 DIRECTION_TITLES = {'synth_to_real': 'SDTL: pre-trained on S, layers >= N trained on R',
                     'real_to_synth': 'RDTL: pre-trained on R, layers >= N trained on S'}
 DIRECTION_NAMES = {'synth_to_real': 'SDTL', 'real_to_synth': 'RDTL'}
-DIRECTION_COLORS = {'synth_to_real': 'tab:blue', 'real_to_synth': 'tab:red'}
+# The colours of every figure, here and in analyze.py: one per training domain (S, R), and two
+# others for the transfer curves.
 DOMAIN_COLORS = {'synth': 'tab:green', 'real': 'tab:purple'}
+DIRECTION_COLORS = {'synth_to_real': 'tab:blue', 'real_to_synth': 'tab:red'}
 BASELINE_LABELS = {'synth': 'S only', 'real': 'R only'}
 # Table 1's row names, in its order; an augmentation the paper lacks goes last, by its name.
 AUG_NAMES = {'none': '', 'autoaugment': 'AutoAugment', 'pytorch': 'PyTorch Example',
@@ -155,14 +161,19 @@ def _pm(stat: Sequence[float] | None, digits: int) -> str:
     return NOT_RECORDED if stat is None else f'{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}'
 
 
+def _train_images(results: dict[str, Any]) -> str:
+    count = results.get('train_examples')
+    return NOT_RECORDED if count is None else f'{count:,}'
+
+
 def _row(label: str, results: dict[str, Any] | None, paper_row: dict[str, Any] | None,
          with_paper: bool) -> str:
     """One table row: ours (or 'pending'), then the paper's top-1/top-5 and Δ top-1."""
     if results is None:
-        cells = [PENDING] * 3
+        cells = [PENDING] * 4
     else:
-        cells = [_pm(_stat(results, 'top1'), 1), _pm(_stat(results, 'top5'), 1),
-                 _pm(_stat(results, 'train_loss'), 3)]
+        cells = [_train_images(results), _pm(_stat(results, 'top1'), 1),
+                 _pm(_stat(results, 'top5'), 1), _pm(_stat(results, 'train_loss'), 3)]
     if with_paper:
         if paper_row is None:
             cells += [NOT_RECORDED] * 3
@@ -174,7 +185,7 @@ def _row(label: str, results: dict[str, Any] | None, paper_row: dict[str, Any] |
 
 
 def _table_head(first: str, with_paper: bool) -> list[str]:
-    columns = [first, 'top-1', 'top-5', 'train loss']
+    columns = [first, 'training images', 'top-1', 'top-5', 'train loss']
     if with_paper:
         columns += ['paper top-1', 'paper top-5', 'Δ top-1 (ours − paper)']
     return ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
@@ -227,6 +238,21 @@ def _finished_points(runs, results) -> tuple[list[int], list[float], list[float]
     return [d for d, _ in done], [s[0] for _, s in done], [s[1] for _, s in done]
 
 
+def _repeated_train_images(runs, results) -> list[str]:
+    """Notes for finished fractions that trained on as many images as a larger fraction (a cap
+    such as data.max_train_examples reached by both): their difference is noise, not data."""
+    notes, seen = [], {}
+    for r in runs:
+        count = (results[r['name']] or {}).get('train_examples')
+        if count is None:
+            continue
+        if count in seen:
+            notes.append(f'- 1/{_divisor(r)} trained on the same {count:,} images as '
+                         f'1/{seen[count]}: the fractions do not differ in data.')
+        seen.setdefault(count, _divisor(r))
+    return notes
+
+
 def _fit_line(a: float, b: float) -> str:
     return f'top-1 = {a:.2f}·log2(divisor) {"+" if b >= 0 else "−"} {abs(b):.2f}'
 
@@ -252,6 +278,7 @@ def _data_reduction_tables(runs, results, paper):
                        bool(table)) for r in series]
         divisors, top1, _ = _finished_points(series, results)
         lines.append('')
+        lines += _repeated_train_images(series, results)
         if len(set(divisors)) >= 2:
             fits[name] = fit_log2(divisors, top1)
             lines.append(f'- Fit, ours ({len(divisors)} points): {_fit_line(*fits[name])}')
@@ -302,6 +329,17 @@ def _finish(ax, title: str, xlabel: str) -> None:
         ax.legend(fontsize='small')
 
 
+def _mark_pending(ax, xs: Sequence[float], color: str, label: str, size: float = 8) -> None:
+    """Pending runs as hollow markers on the x axis (they have an x but no top-1 yet); with no
+    xs, a legend entry only."""
+    ax.plot(xs, np.zeros(len(xs)), transform=ax.get_xaxis_transform(), ls='none', marker='o',
+            ms=size, mfc='none', mec=color, mew=1.5, clip_on=False, zorder=3, label=label)
+
+
+def _pending(runs, results) -> list[dict[str, Any]]:
+    return [r for r in runs if results[r['name']] is None]
+
+
 def _suffix(study, paper) -> str:
     return f"{study['dataset']}, {study['model']}" + (' (dashed: paper)' if paper else '')
 
@@ -311,19 +349,28 @@ def _plot_layers(study, results, paper, path: str) -> None:
     fig = figure.Figure(figsize=(8, 5), layout='constrained')
     ax = fig.subplots()
     for r in study['runs']:
+        if r['kind'] != 'baseline':
+            continue
         stat = _stat(results[r['name']], 'top1')
-        if r['kind'] == 'baseline' and stat is not None:
-            color = DOMAIN_COLORS[r['domain']]
+        color, label = DOMAIN_COLORS[r['domain']], BASELINE_LABELS[r['domain']]
+        if results[r['name']] is None:
+            _mark_pending(ax, [], color, f'{label}, pending')
+        elif stat is not None:
             ax.axhspan(stat[0] - stat[1], stat[0] + stat[1], color=color, alpha=0.2)
-            ax.axhline(stat[0], color=color, lw=1, label=BASELINE_LABELS[r['domain']])
-    for direction, color in DIRECTION_COLORS.items():
-        points = [(r['num_frozen'], _stat(results[r['name']], 'top1')) for r in study['runs']
-                  if r.get('direction') == direction]
+            ax.axhline(stat[0], color=color, lw=1, label=label)
+    for i, (direction, color) in enumerate(DIRECTION_COLORS.items()):
+        transfers = [r for r in study['runs'] if r.get('direction') == direction]
+        points = [(r['num_frozen'], _stat(results[r['name']], 'top1')) for r in transfers]
         points = sorted((n, s) for n, s in points if s is not None)
         if points:
             ax.errorbar([n for n, _ in points], [s[0] for _, s in points],
                         yerr=[s[1] for _, s in points], color=color, marker='o', capsize=3,
                         label=f'{DIRECTION_NAMES[direction]} ({direction.replace("_", " ")})')
+        pending = [r['num_frozen'] for r in _pending(transfers, results)]
+        if pending:
+            # Rings of two sizes: both directions pending at one N stay visible.
+            _mark_pending(ax, pending, color, f'{DIRECTION_NAMES[direction]}, pending',
+                          size=11 - 4 * i)
         if direction in paper:
             rows = paper[direction]['frozen']
             ax.plot([row['num_frozen'] for row in rows], [row['top1'][0] for row in rows],
@@ -333,7 +380,9 @@ def _plot_layers(study, results, paper, path: str) -> None:
         for domain, key in (('synth', 'synth_only'), ('real', 'real_only')):
             ax.axhline(baselines[key]['top1'][0], color=DOMAIN_COLORS[domain], ls='--', lw=1,
                        label=f'paper, {BASELINE_LABELS[domain]}')
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    # A tick at each N of the study: N counts layers, and a locator puts fractional ticks around
+    # a single N.
+    ax.set_xticks(sorted({r['num_frozen'] for r in study['runs'] if r.get('direction')}))
     _finish(ax, f'Top-1 against layers frozen: {_suffix(study, paper)}',
             'N, layers frozen (layers 0 .. N-1 taken over from the source model)')
     fileio.save_figure(fig, path, dpi=120)
@@ -351,6 +400,9 @@ def _plot_data_reduction(study, results, paper, fits, path: str) -> None:
             if divisors:
                 ax.errorbar(to_x(divisors), mean, yerr=std, color=colors[name], marker='o',
                             ls='none', capsize=3, label=labels[name])
+            pending = [_divisor(r) for r in _pending(series, results)]
+            if pending:
+                _mark_pending(ax, to_x(pending), colors[name], f'{labels[name]}, pending')
             if name in fits:
                 grid = np.geomspace(min(divisors), max(divisors), 100)
                 ax.plot(to_x(grid), fits[name][0] * np.log2(grid) + fits[name][1],
@@ -386,6 +438,10 @@ def _plot_augmentations(study, results, paper, path: str) -> None:
             ax.bar([i + offset for i, _ in done], [s[0] for _, s in done], width,
                    yerr=[s[1] for _, s in done], capsize=3, color=DOMAIN_COLORS[domain],
                    label=BASELINE_LABELS[domain])
+        pending = [i + offset for i, _, r in points if results[r['name']] is None]
+        if pending:
+            _mark_pending(ax, pending, DOMAIN_COLORS[domain],
+                          f'{BASELINE_LABELS[domain]}, pending')
         ours_paper = [(i, paper_rows[_aug_label(domain, r['aug'])]['top1'][0])
                       for i, _, r in points if _aug_label(domain, r['aug']) in paper_rows]
         if ours_paper:

@@ -5,8 +5,10 @@ reduced to 1/2^x, x = 0..7; the report fits top-1 = a log2(divisor) + b.
   python -m sdtl_jax.main --config=configs/study/data_reduction.py:demo --workdir=runs/reduce_demo
 
 `demo`: the embedded digits with x = 0..4 (1/32 of the digits' training set would not fill one
-batch of 64). The subsets are drawn once per fraction with the run's seed (`data.stratified`
-draws per class).
+batch of 64). `smoke` (tests): 1/64 and 1/128 of the digits' 1,437 training images, 22 and 11,
+below the smoke cap of 24 (`data.max_train_examples`, 3 batches of 8), so each fraction trains
+on fewer images than the one before; 1/1 and 1/2 would both be cut to the same 24. The subsets
+are drawn once per fraction with the run's seed (`data.stratified` draws per class).
 """
 from sdtl_jax import config_lib, study
 
@@ -20,5 +22,5 @@ def get_config(arg=None):
     if arg.demo:
         c.study.fractions = tuple(1 / 2 ** x for x in range(5))
     if arg.smoke:
-        c.study.fractions = (1.0, 0.5)
+        c.study.fractions = (1 / 64, 1 / 128)
     return c
