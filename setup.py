@@ -30,6 +30,8 @@ GENERATE = ['torch>=2.13', 'diffusers>=0.42', 'transformers>=5.0', 'accelerate>=
 TFDS = ['tensorflow-datasets>=4.9.9', 'importlib_resources>=6.0']
 # gs:// workdirs (sdtl_jax/fileio.py); Orbax and tensorboardX bring their own GCS clients.
 GCS = ['gcsfs>=2024.6']
+# The viewer only (`tensorboard --logdir=<workdir>`): runs write their events with tensorboardX.
+TENSORBOARD = ['tensorboard>=2.16']
 # tests/test_gcs.py runs a gs:// workdir against a local GCS emulator.
 TEST = ['pytest>=8.0', 'pytest-xdist>=3.5', 'ruff>=0.6', 'gcp-storage-emulator>=2026.7', *GCS,
         'nbclient>=0.10', 'ipykernel>=6.29']   # tests/test_notebooks.py: notebooks in a kernel
@@ -54,6 +56,7 @@ setuptools.setup(
         'reference': REFERENCE,
         'tfds': TFDS,
         'gcs': GCS,
+        'tensorboard': TENSORBOARD,
         'tpu': ['jax[tpu]>=0.10', *GCS],
         'gpu': ['jax[cuda13]>=0.10'],   # NVIDIA driver >= 580; jax[cuda12] for older ones
     },

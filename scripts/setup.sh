@@ -10,7 +10,8 @@
 #                 python3.13, python3.12, python3.11 on PATH that is >= 3.11, else one from uv)
 #   SDTL_TORCH    cpu (default): torch's CPU build | cuda: a CUDA build | none: no torch
 #   SDTL_CUDA     with SDTL_TORCH=cuda: 13 (default; cu130, NVIDIA driver >= 580) | 12 (cu128)
-#   SDTL_EXTRAS   comma list of setup.py extras: generate, test, reference, tfds, gcs, tpu, gpu
+#   SDTL_EXTRAS   comma list of setup.py extras: generate, test, reference, tfds, gcs, tensorboard,
+#                 tpu, gpu
 #   SDTL_APT      1: may apt-get install python3.X-venv (with sudo unless root); default 0
 #   SDTL_DRY_RUN  1: decide everything, print each command that would change the machine, run none
 #   PIP_FIND_LINKS  directories: a torch (or torchvision) +cpu wheel there is used, not downloaded
@@ -278,8 +279,8 @@ for e in ${EXTRAS//,/ }; do
       if [ "$e" = tpu ]; then JAX_REQ="jax[tpu]==$JAX" DOT="$DOT${DOT:+,}tpu"
       else JAX_REQ="jax[cuda$CUDA]==$JAX"; fi ;;
     reference) REFERENCE=1 DOT="$DOT${DOT:+,}$e" ;;
-    generate | test | tfds | gcs) DOT="$DOT${DOT:+,}$e" ;;
-    *) die "SDTL_EXTRAS: no extra '$e' (setup.py has generate, test, reference, tfds, gcs, tpu, gpu)." ;;
+    generate | test | tfds | gcs | tensorboard) DOT="$DOT${DOT:+,}$e" ;;
+    *) die "SDTL_EXTRAS: no extra '$e' (setup.py has generate, test, reference, tfds, gcs, tensorboard, tpu, gpu)." ;;
   esac
 done
 # Both want torch: with SDTL_TORCH=none uv would fetch PyPI's (CUDA) build, unless .venv has one.

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 from absl import app, flags, logging
 
 import sdtl_jax
@@ -227,8 +226,8 @@ def extract(runs: Sequence[Run], split: sources.DatasetSplit, indices: np.ndarra
     features = [[[] for _ in run.layer_names] for run in runs]
     labels = []
     batches = image_batches(split, indices, batch=batch, resize=resize, crop=crop)
-    for b in tqdm.tqdm(batches, total=math.ceil(len(indices) / batch), desc=desc,
-                       unit='batch', dynamic_ncols=True, mininterval=2.0):
+    for b in metrics_io.Progress(batches, total=math.ceil(len(indices) / batch), desc=desc,
+                                 unit='batch', dynamic_ncols=True, mininterval=2.0):
         images = jax.device_put(b['image'])
         outs = [pooled_features(run.variables, images, model=run.model) for run in runs]
         for per_layer, out in zip(features, jax.device_get(outs)):
@@ -297,8 +296,8 @@ def analyze(a: str, b: str, out: str, *, data_dir: str | None = None, max_images
         train_features, train_labels = extract(runs, train_split, train_indices,
                                                desc='probe train images', **read)
         unconverged = []
-        bar = tqdm.tqdm(total=2 * len(names), desc=f'{probe} probes', unit='probe',
-                        dynamic_ncols=True, mininterval=2.0)
+        bar = metrics_io.Progress(total=2 * len(names), desc=f'{probe} probes', unit='probe',
+                                  dynamic_ncols=True, mininterval=2.0)
         for i, name in enumerate(names):
             for r, (run, key) in enumerate(zip(runs, ('probe_top1_a', 'probe_top1_b'))):
                 top1, converged = probe_top1(train_features[r][i], train_labels,
@@ -383,6 +382,11 @@ def markdown(result: dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
+# Line style and marker of series A, then B: they tell the runs apart where both trained on one
+# domain, and so have one colour.
+_SERIES_STYLES = (('-', 'o'), ('--', 's'))
+
+
 # Drawn on matplotlib.figure.Figure (Agg on savefig), as report.py: no global backend switch.
 def _plot(result: dict[str, Any], path: str, series: Sequence[tuple[str, str, str]],
           ylabel: str, title: str, hline: tuple[float, str] | None = None,
@@ -392,9 +396,9 @@ def _plot(result: dict[str, Any], path: str, series: Sequence[tuple[str, str, st
     names = [layer['name'] for layer in result['layers']]
     fig = figure.Figure(figsize=(max(8, 0.5 * len(names)), 5), layout='constrained')
     ax = fig.subplots()
-    for key, label, color in series:
+    for (key, label, color), (style, marker) in zip(series, _SERIES_STYLES):
         values = [np.nan if layer[key] is None else layer[key] for layer in result['layers']]
-        ax.plot(range(len(names)), values, marker='o', color=color, label=label)
+        ax.plot(range(len(names)), values, ls=style, marker=marker, color=color, label=label)
     if hline:
         ax.axhline(hline[0], color='gray', ls='--', lw=1, label=hline[1])
     ax.set_xticks(range(len(names)), [f'{i} {name}' for i, name in enumerate(names)],
@@ -409,6 +413,13 @@ def _plot(result: dict[str, Any], path: str, series: Sequence[tuple[str, str, st
     fileio.save_figure(fig, path, dpi=120)
 
 
+def _domain_color(run: dict[str, Any]) -> str:
+    """The colour of the run's training domain (S or R), the same as in the study report."""
+    from sdtl_jax import report  # imports matplotlib, which only the plots need
+
+    return report.DOMAIN_COLORS[sources.get(run['train_data']).domain]
+
+
 def write_outputs(result: dict[str, Any], out: str) -> None:
     """analysis.json, analysis.md, cka.png, probe.png into `out`."""
     fileio.makedirs(out)
@@ -416,15 +427,16 @@ def write_outputs(result: dict[str, Any], out: str) -> None:
     fileio.write_text(os.path.join(out, 'analysis.md'), markdown(result))
     a, b = result['a']['label'], result['b']['label']
     where = f"{result['a']['model']}, {result['num_images']:,} images of {result['eval_data']}"
-    _plot(result, os.path.join(out, 'cka.png'), [('cka', f'CKA({a}, {b})', 'tab:purple')],
+    # Black: CKA belongs to neither domain.
+    _plot(result, os.path.join(out, 'cka.png'), [('cka', f'CKA({a}, {b})', 'black')],
           'linear CKA (unitless, 0 to 1)',
           f'Linear CKA of {a} and {b} per layer (1 = same features up to rotation and '
           f'scale)\n{where}', ylim=(0, 1.05))
     probe = result['probe']
     kind = probe['kind'] if probe else 'no'
     _plot(result, os.path.join(out, 'probe.png'),
-          [('probe_top1_a', f'{a} ({result["a"]["train_data"]})', 'tab:orange'),
-           ('probe_top1_b', f'{b} ({result["b"]["train_data"]})', 'tab:blue')],
+          [('probe_top1_a', f'{a} ({result["a"]["train_data"]})', _domain_color(result['a'])),
+           ('probe_top1_b', f'{b} ({result["b"]["train_data"]})', _domain_color(result['b']))],
           'linear-probe top-1 on the real images (%)',
           f'{kind.capitalize()} probe per layer: {where}',
           hline=(100 / result['num_classes'], 'chance'), ylim=(0, 100))

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
+import statistics
 from typing import Any
 
 import ml_collections
 
-from sdtl_jax import config_lib, fileio, metrics_io, report
+from sdtl_jax import config_lib, fileio, metrics_io, report, run_identity
+from sdtl_jax.errors import UserError
 from sdtl_jax.report import MANIFEST
 
 STUDIES = ('layers', 'data_reduction', 'augmentations')
@@ -179,6 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_fn=None) -> di
     only = _only(config)
     selected = [r for r in runs if not only or r.name in only]
     fileio.check_supported(workdir)
+    _check_unchanged(selected, workdir, move_aside=config.if_config_changed == 'move_aside')
     if is_main:
         fileio.makedirs(workdir)
         write_manifest(config, runs, workdir)
@@ -186,32 +188,102 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_fn=None) -> di
     def done(name):
         return fileio.exists(os.path.join(workdir, name, 'results.json'))
 
-    results, spent, trained = {}, 0.0, 0
+    results, timings = {}, {}
     for i, r in enumerate(selected):
         c = r.config
         if r.source:
             source_dir = os.path.join(workdir, r.source)
             if not done(r.source):
-                raise FileNotFoundError(
+                raise UserError(
                     f'Run {r.name} starts from {source_dir}, which has not finished; run '
                     f'{r.source} first (sweeps: the stage before this one)')
             c = c.copy_and_resolve_references()
             c.transfer.init_from = source_dir
         finished = done(r.name)
-        # ETA from the runs trained by this invocation; reused runs take no time.
-        eta = ''
-        if trained:
-            left = sum(not done(x.name) for x in selected[i:])
-            eta = f', about {_minutes(spent / trained * left)} left'
+        eta = _eta(workdir, runs, selected[i:], timings)
         metrics_io.say(f'[{i + 1}/{len(selected)}] {config.study.name}: {r.name}'
                        f'{" (finished before)" if finished else ""}{eta}')
-        t0 = time.time()
         results[r.name] = train_fn(c, os.path.join(workdir, r.name))
-        if not finished:
-            spent, trained = spent + time.time() - t0, trained + 1
     if config.study.report and is_main:
         report.write_report(workdir)
     return results
+
+
+def _check_unchanged(runs: list[Run], workdir: str, *, move_aside: bool) -> None:
+    """Before the first run trains: every run already in `workdir` is of the same experiment,
+    or else one line names each changed run and key (with `move_aside`, each run moves its old
+    files aside when its turn comes)."""
+    if move_aside:
+        return
+    changed = [(os.path.join(workdir, r.name), diff) for r in runs
+               if (diff := run_identity.changes(os.path.join(workdir, r.name), r.config))]
+    if changed:
+        raise run_identity.ChangedRunError(run_identity.refusal(changed))
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """What a finished run measured; the study's ETA is built from these."""
+    run: Run
+    steps: int
+    step_s: float           # median seconds per training step (metrics.jsonl's step_s)
+    wall_s: float           # the whole run: compilation, evaluations and checkpoints too
+
+
+def _read_timing(workdir: str, run: Run) -> Timing | None:
+    """A finished run's timing; None if it timed no step (N = 18 trains none)."""
+    run_dir = os.path.join(workdir, run.name)
+    results = metrics_io.read_json(os.path.join(run_dir, 'results.json'))
+    step_times = [r['step_s'] for r in metrics_io.read_metrics(run_dir) if r.get('step_s')]
+    if not step_times or 'steps' not in results:
+        return None
+    return Timing(run, results['steps'], statistics.median(step_times), results['wall_seconds'])
+
+
+def seconds_left(pending: list[Run], timings: list[Timing]) -> float | None:
+    """Estimated seconds for the `pending` runs, from the finished runs' measured step times.
+
+    Each pending run takes steps x seconds per step + overhead:
+    - steps: those of a finished run on the same training data, scaled by the ratio of train
+      fractions (one study: the same epochs and batch size);
+    - seconds per step: the mean of the finished runs most alike in cost, first by augmentation
+      pipeline (the crops per image), then by the nearest number of frozen layers (frozen
+      layers skip their backward pass: several times faster at N = 16 than at N = 0);
+    - overhead (compilation, evaluation, checkpoints): the finished runs' mean of their wall
+      time minus steps x seconds per step.
+    Whole-run wall times alone overshot about 3x: they mix in compilation and other run sizes.
+    None before any finished run has measured step times.
+    """
+    if not timings:
+        return None
+    overhead = statistics.fmean(max(0.0, t.wall_s - t.steps * t.step_s) for t in timings)
+    return sum(_steps(r, timings) * _step_seconds(r, timings) + overhead for r in pending)
+
+
+def _steps(run: Run, timings: list[Timing]) -> float:
+    fraction = run.config.data.train_fraction
+    like = min(timings, key=lambda t: (t.run.domain != run.domain,
+                                       t.run.config.data.train_fraction != fraction))
+    return like.steps * fraction / like.run.config.data.train_fraction
+
+
+def _step_seconds(run: Run, timings: list[Timing]) -> float:
+    def unlikeness(t: Timing) -> tuple[bool, int]:
+        return (t.run.config.aug.name != run.config.aug.name,
+                abs(t.run.config.transfer.num_frozen - run.config.transfer.num_frozen))
+    nearest = min(map(unlikeness, timings))
+    return statistics.fmean(t.step_s for t in timings if unlikeness(t) == nearest)
+
+
+def _eta(workdir: str, runs: list[Run], remaining: list[Run], timings: dict) -> str:
+    """', about N min left' for the unfinished runs of `remaining`; '' until one is measured.
+    `timings` caches each finished run's (None: it measured no step time)."""
+    for r in runs:
+        if r.name not in timings and fileio.exists(os.path.join(workdir, r.name, 'results.json')):
+            timings[r.name] = _read_timing(workdir, r)
+    pending = [r for r in remaining if r.name not in timings]
+    seconds = seconds_left(pending, [t for t in timings.values() if t])
+    return f', about {_minutes(seconds)} left' if seconds else ''
 
 
 def _minutes(seconds: float) -> str:

@@ -37,8 +37,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import tqdm
 
+from sdtl_jax import metrics_io
 from sdtl_jax.data import records
 
 PLAN_VERSION = 1
@@ -328,9 +328,9 @@ def write_generated_split(generator: Generator, requests: Sequence[GenerationReq
     total = sum(len(shard_requests(i)) for i in mine)
     initial = total - sum(len(shard_requests(i)) for i in todo)
     worker = f' worker {worker_index}/{num_workers}' if num_workers > 1 else ''
-    with tqdm.tqdm(total=total, initial=initial, desc=f'{name}/{split}{worker}', unit='img',
-                   dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
-                   disable=not verbose) as bar, \
+    with metrics_io.Progress(total=total, initial=initial, desc=f'{name}/{split}{worker}',
+                             unit='img', dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
+                             disable=not verbose) as bar, \
             concurrent.futures.ThreadPoolExecutor(encode_threads) as encoder:
         for i in todo:
             final = os.path.join(out_dir, plan['files'][i])
