@@ -1,7 +1,7 @@
 r"""Train-step time of ResNet-50 with the first N layers frozen against full training (issue 2).
 
 The frozen prefix must cost no backward pass (docs/paper.md §7): on a 2-core CPU, N = 16
-should take at most 0.4x the time of N = 0 (TRAPS.md measured 0.68 s vs 2.77 s).
+should take at most 0.4x the time of N = 0 (bench/RESULTS.md has the measured figures).
 
   python -m bench.freeze_speed                                   # N = 0 and 16
   python -m bench.freeze_speed --num_frozen=0,8,16,17 --append

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 
 def make_mesh(devices=None) -> Mesh:
-    # Not jax.make_mesh: it now defaults to Explicit axis types (TRAPS.md); classic data
+    # Not jax.make_mesh: it now defaults to Explicit axis types (JAX 0.7+); classic data
     # parallelism wants the Auto default of a plain Mesh.
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), ('data',))
