@@ -91,6 +91,47 @@ def remove(path: str | os.PathLike) -> None:
     epath.Path(path).unlink()
 
 
+# A bucket's conditional writes, for the workdir lock (a disk's are O_EXCL and rename): every
+# object has a generation, and a write or delete can be made conditional on it, so of two
+# writers racing for one object exactly one wins.
+
+def create_new(url: str, text: str) -> bool:
+    """Uploads `text` to `url` unless an object is there (generation 0 as the precondition);
+    False if one is."""
+    fs, key = _versioned_gcs(url)
+    try:
+        with fs.open(key, 'xb') as f:
+            f.write(text.encode())
+    except FileExistsError:
+        return False
+    return True
+
+
+def read_generation(url: str) -> tuple[str, str]:
+    """The object's text and the generation it was read at."""
+    fs, key = _versioned_gcs(url)
+    fs.invalidate_cache(key)
+    generation = fs.info(key)['generation']
+    return fs.cat_file(f'{key}#{generation}').decode(), generation
+
+
+def remove_generation(url: str, generation: str) -> bool:
+    """Deletes the object only at `generation`; False if that generation is gone (replaced or
+    deleted by another writer)."""
+    fs, key = _versioned_gcs(url)
+    try:
+        fs.rm_file(f'{key}#{generation}')
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _versioned_gcs(url: str):
+    """gcsfs with `path#generation` addressing, and the path it takes."""
+    import gcsfs
+    return gcsfs.GCSFileSystem(version_aware=True), url.removeprefix('gs://')
+
+
 def save_figure(figure, path: str | os.PathLike, **savefig_kwargs) -> None:
     """Saves a matplotlib figure as PNG to a local path or a URL."""
     buffer = io.BytesIO()

@@ -30,6 +30,7 @@ from sdtl_jax import (
     metrics_io,
     models,
     optim,
+    run_identity,
     sharding,
     workdir_guard,
 )
@@ -107,13 +108,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Restore order (big_vision): the checkpoint in `workdir`, then layers from `source` (a run
     workdir or checkpoints folder) for a transfer, then scratch. Returns results.json's dict.
-    Before anything is read or compiled: the config is valid, the workdir writable and not in
-    use by another run (process 0 holds its lock until the stage ends).
+    Before anything is read or compiled: the config is valid, the workdir writable, not in use
+    by another run (process 0 holds its lock until the stage ends), and holds no run of another
+    experiment (`run_identity`).
     """
     config_lib.validate(config, num_devices=jax.device_count(),
                         num_processes=jax.process_count())
     fileio.check_supported(workdir)
+    move_aside = config.if_config_changed == 'move_aside'
     if jax.process_index() != 0:
+        if not move_aside:
+            run_identity.check(workdir, config, move_aside=False)   # refuses as process 0 does
+        _all_processes_reach('workdir checked')     # process 0 may be moving a run aside
         return _train_and_evaluate(config, workdir, source, heartbeat=lambda: None)
     workdir_guard.check_writable(workdir)
     lock = workdir_guard.RunLock(workdir)
@@ -121,9 +127,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if note:
         metrics_io.say(f'{workdir}: {note}')
     try:
+        run_identity.check(workdir, config, move_aside=move_aside)
+        _all_processes_reach('workdir checked')
         return _train_and_evaluate(config, workdir, source, heartbeat=lock.heartbeat)
     finally:
         lock.release()
+
+
+def _all_processes_reach(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source: str, *,
@@ -137,6 +151,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
     if list(train_split.classes) != list(eval_split.classes):
         raise ValueError(f'Class lists differ: data.train={config.data.train!r} and '
                          f'data.eval={config.data.eval!r} must use the same labels')
+    # Before the subset is stored: a fraction too small for one batch must not leave a subset
+    # file behind that the corrected rerun would refuse as another draw.
+    config_lib.steps(config, subsets.subset_size(
+        train_split.num_examples, config.data.train_fraction, config.data.max_train_examples))
     # The reduced training set (Table 6), drawn once and stored in the workdir.
     train_indices = subsets.select(
         train_split, fraction=config.data.train_fraction, stratify=config.data.stratified,
@@ -194,10 +212,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
     else:
         layers = config_lib.transferred_layers(config, layer_names)
         if source and layers:
-            params, batch_stats = checkpointing.load_for_transfer(
+            params, batch_stats, source_step = checkpointing.load_for_transfer(
                 jax.device_get(params), jax.device_get(batch_stats), source, layers)
-            metrics_io.say(f'{workdir}: loaded layers {layers[0]}..{layers[-1]} from {source}')
+            metrics_io.say(f'{workdir}: loaded layers {layers[0]}..{layers[-1]} from {source} '
+                           f'(step {source_step}, its last)')
         state = new_state(params, batch_stats)
+    if is_main:     # evaluations after the checkpoint resumed from (or all, from scratch)
+        metrics_io.cut_metrics(workdir, int(state.step))
 
     if is_main:
         workdir_guard.check_free_space(workdir, _nbytes(state), config.checkpoint.keep)
@@ -260,6 +281,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
                 writer.scalars(done, {'train/loss': loss, 'train/lr': lr,
                                       **({'train/step_s': step_s} if step_s else {})})
                 heartbeat()
+                ckpt.check_saved()      # a background save that failed stops the run now
             if preemption.reached(done):
                 # Mid-epoch is fine: the checkpoint holds the data iterator's position.
                 _check_finite(jax.device_get(epoch_losses), done - len(epoch_losses) + 1, workdir)
@@ -284,6 +306,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
                 if epoch % config.checkpoint.every_epochs == 0 or done == steps.total:
                     ckpt.save(done, state, train_iter)
                 timer.restart(done)     # evaluation and saving are not training steps
+                bar.unpause()
     bar.close()
     ckpt.wait_until_finished()
     ckpt.close()

@@ -46,13 +46,28 @@ def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
     if fileio.is_remote(workdir):
         return
     needed = checkpoint_bytes * (keep + 1)
-    free = shutil.disk_usage(workdir).free
+    free = free_bytes(workdir)
     if free < needed:
         raise WorkdirError(
-            f'The disk of {workdir} has {free / 1e9:.2f} GB free; this run needs about '
-            f'{needed / 1e9:.2f} GB for {keep} checkpoints of {checkpoint_bytes / 1e9:.2f} GB '
-            'and one being written. Free space, choose another --workdir, or lower '
+            f'The disk of {workdir} has {format_bytes(free)} free; this run needs about '
+            f'{format_bytes(needed)} for {keep} checkpoints of {format_bytes(checkpoint_bytes)}'
+            ' and one being written. Free space, choose another --workdir, or lower '
             '--config.checkpoint.keep')
+
+
+def free_bytes(path: str) -> int:
+    return shutil.disk_usage(path).free
+
+
+def format_bytes(n: float) -> str:
+    """3 significant digits in the largest unit that fits: '950 B', '12.3 MB', '1.07 GB'."""
+    if n < 999.5:
+        return f'{n:.0f} B'
+    for unit in ('kB', 'MB', 'GB', 'TB'):
+        n /= 1000
+        if n < 999.5 or unit == 'TB':
+            break
+    return f'{n:.{0 if n >= 99.95 else 1 if n >= 9.995 else 2}f} {unit}'
 
 
 class RunLock:
@@ -72,25 +87,26 @@ class RunLock:
     def acquire(self) -> str | None:
         """Takes the lock; returns a note when a stale lock was taken over.
 
-        On a local disk the lock file is created exclusively (complete, by a hard link), so of
-        two runs started at the same instant exactly one gets it, and a stale lock is moved
-        aside by one rename, which only one taker wins. A bucket has neither: there the lock is
-        checked, then written, and two runs started within a second could both get it.
+        The lock file is created exclusively, so of two runs started at the same instant exactly
+        one gets it: on a local disk complete, by a hard link; in a bucket with generation 0 as
+        the write's precondition. A stale lock is removed by one operation that only one taker
+        wins: a rename on a disk, a delete of that generation in a bucket.
         """
         note = None
+        remote = fileio.is_remote(self.path)
         while True:
             if not fileio.exists(self.path) and self._create():
                 return note
             try:
-                text = fileio.read_text(self.path)
+                text, generation = (fileio.read_generation(self.path) if remote
+                                    else (fileio.read_text(self.path), None))
                 holder = json.loads(text)
             except FileNotFoundError:
                 continue                        # moved aside by a run taking it over
             except json.JSONDecodeError:
                 # Being written by a run that has just created it (no hard links), or damaged
-                # by a crash long ago: then it is stale.
-                if (not fileio.is_remote(self.path)
-                        and time.time() - os.path.getmtime(self.path) < 5):
+                # by a crash long ago: then it is stale. (A bucket has no half-written object.)
+                if not remote and time.time() - os.path.getmtime(self.path) < 5:
                     time.sleep(0.1)
                     continue
                 holder = {}
@@ -106,10 +122,10 @@ class RunLock:
                     f'--workdir; if it is dead, delete {self.path}')
             note = (f'Took over the lock of a run that is gone (pid {holder.get("pid")} on '
                     f'{holder.get("host")}, last seen {_when(holder.get("heartbeat"))})')
-            if fileio.is_remote(self.path):
-                self.heartbeat(force=True)      # a bucket: overwritten in place
-                return note
-            self._move_aside(text)
+            if remote:
+                fileio.remove_generation(self.path, generation)     # False: another took it
+            else:
+                self._move_aside(text)
 
     def _move_aside(self, stale: str) -> None:
         """Removes the stale lock (its text: `stale`) by one rename, which only one taker wins;
@@ -131,8 +147,10 @@ class RunLock:
     def _create(self) -> bool:
         """Writes the lock if none exists (locally: atomically); False if another run has it."""
         if fileio.is_remote(self.path):
-            self.heartbeat(force=True)
-            return True
+            created = fileio.create_new(self.path, json.dumps({**self.owner,
+                                                               'heartbeat': time.time()}))
+            self._last_beat = time.time()
+            return created
         temp = f'{self.path}.new.{self.owner["host"]}.{os.getpid()}'
         with open(temp, 'w') as f:
             f.write(json.dumps({**self.owner, 'heartbeat': time.time()}))

@@ -70,7 +70,7 @@ def test_timm_safetensors_converts_to_a_checkpoint_transfer_loads(tmp_path):
     # What a transfer with N = 17 does: layers [0, 17) from the checkpoint, a fresh head.
     model, fresh = shapes(TINYVIT, num_classes=37)
     names = model.layer_names()
-    params, batch_stats = checkpointing.load_for_transfer(
+    params, batch_stats, _ = checkpointing.load_for_transfer(
         fresh['params'], fresh['batch_stats'], str(out), names[:17])
     expected, _ = convert.to_flax(fixture_state('tinyvit_5m'), model)
     assert_trees_equal({k: params[k] for k in names[:17]}, expected['params'])
@@ -116,8 +116,8 @@ def test_num_classes_adds_a_fresh_head_for_full_fine_tuning(tmp_path):
     assert summary['head'] == 'fresh, 5 classes'
     model, fresh = shapes(RESNET, num_classes=5)
     # transfer.reinit=False takes every layer over: the checkpoint must be a whole 5-class model.
-    params, _ = checkpointing.load_for_transfer(fresh['params'], fresh['batch_stats'],
-                                                str(tmp_path), model.layer_names())
+    params, _, _ = checkpointing.load_for_transfer(fresh['params'], fresh['batch_stats'],
+                                                   str(tmp_path), model.layer_names())
     kernel = np.asarray(params['head']['kernel'])
     assert kernel.shape == (128, 5) and np.all(np.isfinite(kernel))
     assert np.all(np.linalg.norm(kernel, axis=0) > 0)    # never zero (docs/paper.md §3)

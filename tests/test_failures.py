@@ -35,7 +35,8 @@ def test_full_disk_is_reported_before_training(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(workdir_guard.shutil, 'disk_usage',
                         lambda path: type('Usage', (), {'free': 10_000_000})())
     with pytest.raises(workdir_guard.WorkdirError,
-                       match=r'has 0.01 GB free; this run needs about 0.0\d GB for 3 checkpoints'):
+                       match=r'has 10.0 MB free; this run needs about 1\d\.\d MB for 3 '
+                             r'checkpoints of \d\.\d\d MB'):
         train.run(smoke('baseline', 'domain=real', data_dir), str(tmp_path))
     assert not (tmp_path / 'metrics.jsonl').exists()
     assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() is None
@@ -110,6 +111,9 @@ def test_workdir_of_another_model_is_refused_naming_the_keys(data_dir, tmp_path)
     config = smoke('baseline', 'domain=real', data_dir)
     config.model.width = 16
     config.num_epochs = 2                  # not finished: it would resume from step 3
+    # Without config.json (lost, or a workdir from before run identities), the checkpoint's
+    # own shapes still catch it.
+    (tmp_path / 'config.json').unlink()
     with pytest.raises(ValueError, match=r'holds another model than this config builds'
                                          r'(.|\n)*params/stem/\S+: resumed shape'):
         train.run(config, str(tmp_path))

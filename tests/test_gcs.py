@@ -7,18 +7,23 @@ so the code under test is the code that talks to real GCS.
 """
 import json
 import os
+import pathlib
 import shutil
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 from etils import epath
 from test_report import _results, _run, _write_study
 from test_train import smoke
 
-from sdtl_jax import checkpointing, fileio, report, train
+from sdtl_jax import checkpointing, fileio, report, train, workdir_guard
 from sdtl_jax.data import reader
 
 BUCKET = 'sdtl-test'
+ROOT = pathlib.Path(__file__).parent.parent
 
 
 def _send_generation_on_download():
@@ -46,10 +51,58 @@ def _send_generation_on_download():
                 handlers[method] = download_with_generation
 
 
+def _honour_generation_preconditions():
+    """Real GCS applies an upload's ifGenerationMatch=0 (create, never replace) and a delete's
+    generation (that version only) atomically; the emulator ignores both. Adds them, one
+    request at a time (the workdir lock depends on them)."""
+    import threading
+    from http import HTTPStatus
+
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+    if getattr(objects.insert, 'honours_preconditions', False):
+        return
+    insert, delete, one_at_a_time = objects.insert, objects.delete, threading.Lock()
+
+    def generation(storage, request, name):
+        try:
+            return storage.get_file_obj(request.params['bucket_name'], name)['generation']
+        except NotFound:
+            return None
+
+    def insert_if_absent(request, response, storage, *args, **kwargs):
+        name = (request.query['name'][0] if 'name' in request.query else
+                (request.data or {}).get('meta', {}).get('name'))
+        with one_at_a_time:
+            if (request.query.get('ifGenerationMatch') == ['0']
+                    and generation(storage, request, name) is not None):
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                return None
+            return insert(request, response, storage, *args, **kwargs)
+
+    def delete_generation(request, response, storage, *args, **kwargs):
+        with one_at_a_time:
+            wanted = request.query.get('generation', [None])[0]
+            name = request.params['object_id']
+            if wanted is not None and generation(storage, request, name) != wanted:
+                response.status = HTTPStatus.NOT_FOUND
+                return None
+            return delete(request, response, storage, *args, **kwargs)
+
+    insert_if_absent.honours_preconditions = True
+    objects.insert, objects.delete = insert_if_absent, delete_generation
+    for _, handlers in server.HANDLERS:
+        for method, handler in handlers.items():
+            handlers[method] = {insert: insert_if_absent, delete: delete_generation}.get(
+                handler, handler)
+
+
 @pytest.fixture(scope='module')
 def bucket():
     from gcp_storage_emulator.server import create_server
     _send_generation_on_download()
+    _honour_generation_preconditions()
     with socket.socket() as s:
         s.bind(('localhost', 0))
         port = s.getsockname()[1]
@@ -133,3 +186,40 @@ def test_report_of_a_study_in_a_bucket(bucket, tmp_path):
     assert '80.0' in text and 'pending' in text
     assert epath.Path(out['figures'][0]).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     shutil.rmtree(local)
+
+
+# A run taking a workdir's lock at a given instant: a process of its own, as fsspec's
+# filesystems are not fork-safe. Prints 'got it' or 'refused'; a holder lives on a while, or
+# the others would rightly take over the lock of a dead run.
+TAKE_LOCK_AT = """import sys, time
+from sdtl_jax import workdir_guard
+workdir, at = sys.argv[1], float(sys.argv[2])
+lock = workdir_guard.RunLock(workdir)
+time.sleep(max(0.0, at - time.time()))
+try:
+    lock.acquire()
+    print('got it', flush=True)
+    time.sleep(2)
+except workdir_guard.WorkdirError:
+    print('refused')
+"""
+
+
+@pytest.mark.parametrize('stale', [False, True])
+def test_two_runs_started_at_once_never_both_get_a_bucket_lock(bucket, stale):
+    """In a bucket the lock is created with generation 0 as the precondition, and a stale one
+    deleted at its generation only: of runs started at the same instant exactly one holds it.
+    (Checking, then writing, let both in.)"""
+    for trial in range(2):
+        workdir = f'{bucket}/locks/{stale}/{trial}'
+        if stale:
+            fileio.write_text(f'{workdir}/{workdir_guard.LOCK_FILE}', json.dumps(
+                {'host': 'other-vm', 'pid': 1, 'heartbeat': time.time() - 3600}))
+        at = str(time.time() + 3)       # after every process has imported what it needs
+        runs = [subprocess.Popen([sys.executable, '-c', TAKE_LOCK_AT, workdir, at],
+                                 stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                for _ in range(3)]
+        outcomes = sorted(run.communicate(timeout=120)[0].strip() for run in runs)
+        assert outcomes == ['got it', 'refused', 'refused'], (trial, outcomes)
+        holder = json.loads(fileio.read_text(f'{workdir}/{workdir_guard.LOCK_FILE}'))
+        assert holder['pid'] in {r.pid for r in runs}

@@ -7,6 +7,7 @@ import pathlib
 import pytest
 
 from sdtl_jax import study
+from sdtl_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -127,7 +128,7 @@ def test_a_sweep_share_needs_its_sources_finished(tmp_path):
     config = load_config('layers', 'smoke')
     config.study.report = False
     config.study.only = 'SDTL_N16'
-    with pytest.raises(FileNotFoundError, match=r'starts from .*/S, which has not finished'):
+    with pytest.raises(UserError, match=r'starts from .*/S, which has not finished'):
         study.run(config, str(tmp_path), train_fn=FakeTraining())
     config.study.only = 'S'
     study.run(config, str(tmp_path), train_fn=FakeTraining())
