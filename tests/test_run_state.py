@@ -192,7 +192,6 @@ runpy.run_module('sdtl_jax.main', run_name='__main__')
 
 
 def test_the_first_failed_save_stops_the_run_with_one_line(data_dir, finished, tmp_path):
-    # The smoke model's checkpoint holds a 2.5 MB file: its first save (step 3) fails.
     workdir = tmp_path / 'run'
     result = subprocess.run(
         [sys.executable, '-c', LIMITED_MAIN, '--config=configs/baseline.py:smoke',
@@ -204,10 +203,17 @@ def test_the_first_failed_save_stops_the_run_with_one_line(data_dir, finished, t
     assert result.returncode == 1, result.stderr[-3000:]
     fatal = [line for line in result.stderr.splitlines() if line.startswith('FATAL')]
     assert len(fatal) == 1, result.stderr[-3000:]
-    assert (f'Saving checkpoint step 3 to {workdir}/checkpoints failed (' in fatal[0]
-            and 'File too large' in fatal[0] and ' free, a checkpoint needs about ' in fatal[0])
+    # TensorStore batches the 3 MB of arrays into files of varying size: the first save that
+    # writes one over the limit fails (as a rule step 3's, at times a later one).
+    failed = re.fullmatch(rf'FATAL Saving checkpoint step (\d+) to {re.escape(str(workdir))}/'
+                          r'checkpoints failed \(.*File too large.*\); the disk has \S+ \S+ free, '
+                          r'a checkpoint needs about \d\.\d\d MB\. .*', fatal[0])
+    assert failed, fatal[0]
+    step = int(failed[1])
     assert 'Traceback' not in result.stderr, result.stderr[-5000:]
     assert len(result.stderr.splitlines()) < 40, result.stderr[-5000:]
-    # Stopped at a log step after the failed save (one per step here), before the next save.
-    assert _metric_steps(workdir)[0] == 3 and 9 not in _metric_steps(workdir)
-    assert not (workdir / 'checkpoints' / '6').exists()
+    # Stopped by the next save at the latest, before training another epoch past it.
+    saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+    assert saved == [s for s in (3, 6, 9) if s < step]
+    assert max(_metric_steps(workdir)) <= step + 3
+    assert not (workdir / 'results.json').exists()
