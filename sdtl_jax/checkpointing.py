@@ -8,6 +8,7 @@ a resumed run sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -45,7 +46,8 @@ class Checkpointer:
         self._quiet = _OneLineErrors()
         for name in _OneLineErrors.LOGGERS:
             logging.getLogger(name).addFilter(self._quiet)
-        sys.unraisablehook = _without_loop_closed
+        self._unraisable_hook = sys.unraisablehook
+        sys.unraisablehook = functools.partial(_without_loop_closed, self._unraisable_hook)
         self._unverified = None         # (step, bytes) of a save not yet known to be complete
 
     def latest_step(self) -> int | None:
@@ -164,7 +166,7 @@ class Checkpointer:
         self._manager.close()
         for name in _OneLineErrors.LOGGERS:
             logging.getLogger(name).removeFilter(self._quiet)
-        sys.unraisablehook = _UNRAISABLE_HOOK
+        sys.unraisablehook = self._unraisable_hook
 
 
 class _OneLineErrors(logging.Filter):
@@ -205,15 +207,13 @@ def _raised_in_orbax(traceback) -> bool:
     return False
 
 
-def _without_loop_closed(unraisable) -> None:
+def _without_loop_closed(hook, unraisable) -> None:
     """The writes still in flight when a save fails finish into a closed asyncio loop, each
-    printing a RuntimeError traceback; those say nothing the failed save does not."""
+    printing a RuntimeError traceback; those say nothing the failed save does not. Any other
+    goes to `hook`."""
     if not (isinstance(unraisable.exc_value, RuntimeError)
             and str(unraisable.exc_value) == 'Event loop is closed'):
-        _UNRAISABLE_HOOK(unraisable)
-
-
-_UNRAISABLE_HOOK = sys.unraisablehook
+        hook(unraisable)
 
 
 @contextlib.contextmanager
