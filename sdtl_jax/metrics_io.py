@@ -60,7 +60,7 @@ class Writer:
         sub-folder of its own, which TensorBoard shows as a second run."""
         from tensorboardX import summary
         metrics = dict.fromkeys(_HPARAM_METRICS, 0.0)   # only the names are written
-        experiment, session_start, _ = summary.hparams(_flat_config(config_values), metrics)
+        experiment, session_start, _ = summary.hparams(_hparams(config_values), metrics)
         # The session-end summary (status: success) is left out: training has not started.
         for proto in (experiment, session_start):
             self._tb.file_writer.add_summary(proto)
@@ -88,19 +88,23 @@ def _tensorboard_tag(key: str) -> str | None:
     return _RECORD_TAGS.get(key, f'eval/{key}')
 
 
-def _flat_config(config_values: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-    """Nested config values as {'optim.base_lr': 0.1, ...}; tuples as JSON text (hparams hold
-    numbers, strings and booleans only); None values left out."""
+def flatten_config(config_values: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+    """Nested config values as {'optim.base_lr': 0.1, ...}, tuples as lists (as config.json
+    stores them)."""
     flat = {}
     for key, value in config_values.items():
-        name = prefix + key
         if isinstance(value, dict):
-            flat.update(_flat_config(value, f'{name}.'))
-        elif isinstance(value, (list, tuple)):
-            flat[name] = json.dumps(value)
-        elif value is not None:
-            flat[name] = value
+            flat.update(flatten_config(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = json.loads(json.dumps(value))
     return flat
+
+
+def _hparams(config_values: dict[str, Any]) -> dict[str, Any]:
+    """The flattened config with lists as JSON text (hparams hold numbers, strings and
+    booleans only) and None values left out."""
+    return {name: json.dumps(value) if isinstance(value, list) else value
+            for name, value in flatten_config(config_values).items() if value is not None}
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

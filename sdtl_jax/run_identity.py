@@ -9,7 +9,6 @@ goes but not what it computes (resume is exact, evaluation is deterministic).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from typing import Any, Iterable
 
@@ -44,19 +43,8 @@ class ChangedRunError(UserError):
     """The workdir holds a run of another experiment."""
 
 
-def flatten(config: dict, prefix: str = '') -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}, tuples as lists (as config.json stores them)."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f'{prefix}{key}.'))
-        else:
-            out[f'{prefix}{key}'] = json.loads(json.dumps(value))
-    return out
-
-
 def identity(config: dict) -> dict[str, Any]:
-    return {k: v for k, v in flatten(config).items() if k not in NOT_IDENTITY}
+    return {k: v for k, v in metrics_io.flatten_config(config).items() if k not in NOT_IDENTITY}
 
 
 def differences(stored: dict, config: dict) -> list[str]:
