@@ -1,4 +1,6 @@
-r"""Runs a study over several machines, stage by stage, then writes its report.
+r"""Runs a study over several machines that have no scheduler, stage by stage, then writes its
+report. A SLURM cluster uses launch/study_slurm.py instead (job arrays, requeue on preemption);
+Cloud TPU, one launch/tpu_pod.sh per run or this script's --tpu_names.
 
   python launch/sweep.py --config=configs/study/layers.py --workdir=/mnt/shared/sdtl/layers \
       --hosts=gpu1,gpu2,gpu3 [--dry_run] [--config.study.num_frozen='(4, 16)']

@@ -71,7 +71,8 @@ COMMANDS = (
         ('launch/generate_multi_gpu.sh', "a synthetic dataset, a worker per GPU of this host"),
         ('launch/generate_slurm.sh', 'a synthetic dataset on a SLURM cluster'),
         ('launch/tpu_pod.sh', 'an experiment on a Cloud TPU VM or pod slice'),
-        ('python launch/sweep.py', "a study's runs over several machines"),
+        ('python launch/study_slurm.py', 'a study on a SLURM cluster: a job array per stage'),
+        ('python launch/sweep.py', "a study's runs over machines without a scheduler"),
     )),
 )
 

@@ -49,6 +49,7 @@ FLAG = {
     'launch/generate_multi_gpu.sh': '--gpus=N',
     'launch/generate_slurm.sh': '--gpus=N',
     'launch/tpu_pod.sh': '--dry_run',
+    'python launch/study_slurm.py': '--partition',
     'python launch/sweep.py': '--hosts',
 }
 # Not a command for users (not listed), but a CLI all the same: it needs the reference models
