@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import posixpath
 import shlex
 import subprocess
 import sys
@@ -97,7 +98,7 @@ class Options:
     time: str | None = None
     max_parallel: int = 0
     grace: int = 300
-    name: str = 'sdtl-study'
+    name: str = 'sdtl-study'     # job names: <name>-stage<k>, <name>-report
 
     @property
     def logdir(self) -> str | None:
@@ -174,7 +175,11 @@ if [ "$status" = 143 ]; then
   # Preempted: the checkpoint is saved; the requeued task resumes from it (a failure would
   # stop the stages after this one).
   echo "study_slurm: run $run stopped by SIGTERM after saving a checkpoint; requeueing"
-  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  for attempt in 1 2 3 4 5; do          # a busy slurmctld may time out: try again
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    sleep $((attempt * 5))
+  done
+  echo "study_slurm: could not requeue task $SLURM_JOB_ID; resubmit the study to resume $run"
 fi
 exit "$status"
 '''
@@ -195,11 +200,10 @@ def sbatch_argv(extra: str, dependencies: Sequence[str]) -> list[str]:
     return argv
 
 
-def dry_run_sbatch(extra: str, variables: Sequence[str]) -> str:
-    """The sbatch command line of the dry run: the job ids are the shell's $variables."""
+def dry_run_sbatch(extra: str, dependencies: Sequence[str]) -> str:
+    """The sbatch command line of the dry run, where a dependency may be a shell $variable."""
     line = shlex.join(sbatch_argv(extra, []))
-    return line + (' --dependency=afterok:' + ':'.join(f'${v}' for v in variables)
-                   if variables else '')
+    return line + (' --dependency=afterok:' + ':'.join(dependencies) if dependencies else '')
 
 
 def submit(argv: Sequence[str], script: str) -> str:
@@ -269,42 +273,48 @@ def show_status(workdir: str, stages: Sequence[Sequence[str]]) -> int:
 
 
 def plan(workdir: str, stages: Sequence[Sequence[str]]
-         ) -> tuple[list[list[str]], dict[str, str]]:
+         ) -> tuple[list[list[str]], list[dict[str, str]]]:
     """What to submit: each stage's runs that are neither finished nor still queued or running
-    from an earlier submission; and those still-active runs' tasks (to wait for)."""
+    from an earlier submission; and, per stage, those still-active runs' tasks (to wait for)."""
     jobs = read_jobs(workdir)
     active = {run: task for run, task in jobs.items() if task_state(task) in ACTIVE_STATES}
     todo = [[r for r in stage if run_state(workdir, r) != 'finished' and r not in active]
             for stage in stages]
-    return todo, active
+    return todo, [{r: active[r] for r in stage if r in active} for stage in stages]
 
 
 def launch(o: Options, fv: flags.FlagValues, stages: list[list[str]], write_report: bool) -> int:
-    todo, active = plan(o.workdir, stages) if not fv.dry_run else (stages, {})
-    for run, task in active.items():
-        print(f'{run}: still in task {task} from an earlier submission; waiting for it')
-    jobs = read_jobs(o.workdir) if not fv.dry_run else {}
-    waits_for = sorted({t.split('_')[0] for t in active.values()})
+    """Submits (or, --dry_run, prints) each stage's missing runs as one array that waits for
+    every earlier stage: its array from this submission, and its tasks still queued or running
+    from an earlier one (by task, so an earlier array's failed task does not block it)."""
+    todo, active = plan(o.workdir, stages)
+    jobs = read_jobs(o.workdir)
     if fv.dry_run and o.logdir:
         print(f'mkdir -p {shlex.quote(o.logdir)}')
     elif o.logdir:
         fileio.makedirs(o.logdir)
-    for i, runs in enumerate(todo, 1):
+    waits_for: list[str] = []
+    for i, (runs, earlier) in enumerate(zip(todo, active), 1):
+        comment = '# ' if fv.dry_run else ''
+        for run, task in earlier.items():
+            print(f'{comment}{run}: still queued or running in task {task} from an earlier '
+                  'submission; waiting for it')
+        depends_on, waits_for = waits_for, waits_for + list(earlier.values())
         if not runs:
-            print(f'# stage {i}/{len(todo)}: nothing to submit (finished or queued)')
+            print(f'{comment}stage {i}/{len(todo)}: nothing to submit (finished or queued)')
             continue
         script = array_script(o, runs, i)
         if fv.dry_run:
             print(f'# stage {i}/{len(todo)}: {len(runs)} runs, one array task each')
-            print(f'stage{i}=$({dry_run_sbatch(fv.sbatch_args, waits_for)} <<\'SCRIPT\'\n'
+            print(f'stage{i}=$({dry_run_sbatch(fv.sbatch_args, depends_on)} <<\'SCRIPT\'\n'
                   f'{script}SCRIPT\n)')
-            waits_for = [f'stage{i}']
+            waits_for.append(f'$stage{i}')
             continue
-        job = submit(sbatch_argv(fv.sbatch_args, waits_for), script)
+        job = submit(sbatch_argv(fv.sbatch_args, depends_on), script)
         jobs.update({run: f'{job}_{k}' for k, run in enumerate(runs)})
         metrics_io.write_json(_jobs_path(o.workdir), jobs)
         print(f'stage {i}/{len(todo)}: job array {job}, {len(runs)} runs: {", ".join(runs)}')
-        waits_for = [job]
+        waits_for.append(job)
     if not write_report:
         return 0
     if fv.dry_run:
@@ -317,15 +327,20 @@ def launch(o: Options, fv: flags.FlagValues, stages: list[list[str]], write_repo
     return 0
 
 
+def job_name(workdir: str) -> str:
+    """sdtl-<the workdir's last folder>: tells two studies apart in squeue (the stage or
+    'report' is appended)."""
+    return 'sdtl-' + posixpath.basename(workdir.rstrip('/'))
+
+
 def options(fv: flags.FlagValues, overrides: list[str]) -> Options:
     if fv.nodes < 1 or fv.gpus < 0 or fv.max_parallel < 0 or fv.grace < 0:
         raise UsageError('--nodes must be >= 1; --gpus, --max_parallel and --grace >= 0')
-    config = fv.config
     return Options(config=sweep.remote_config(fv['config'].config_filename),
                    workdir=fv.workdir.rstrip('/'), overrides=tuple(overrides),
                    python=repo_python(), partition=fv.partition, account=fv.account,
                    gpus=fv.gpus, nodes=fv.nodes, time=fv.time, max_parallel=fv.max_parallel,
-                   grace=fv.grace, name=f'sdtl-{config.study.name}')
+                   grace=fv.grace, name=job_name(fv.workdir))
 
 
 def _parse(fv: flags.FlagValues, argv: Sequence[str]) -> None:
