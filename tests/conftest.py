@@ -54,3 +54,18 @@ def pytest_pyfunc_call(pyfuncitem):
         pytest.fail(f'in a child pytest with {marker.args[0]} devices:\n'
                     f'{child.stdout[-6000:]}\n{child.stderr[-2000:]}', pytrace=False)
     return True
+
+
+@pytest.fixture
+def fake_programs(tmp_path):
+    """fake_programs(name=body, ...) writes each as an executable shell script into
+    tmp_path/bin and returns that folder, to put first on a subprocess's PATH."""
+    folder = tmp_path / 'bin'
+
+    def write(**programs):
+        folder.mkdir(exist_ok=True)
+        for name, body in programs.items():
+            (folder / name).write_text('#!/usr/bin/env bash\n' + body)
+            (folder / name).chmod(0o755)
+        return folder
+    return write

@@ -7,6 +7,7 @@ PATH stand in for the cluster; nothing trains.
 import importlib.util
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -103,9 +104,9 @@ def test_generate_multi_gpu_takes_its_gpus_from_cuda_visible_devices():
     assert code == 2 and 'offers 3 GPU' in err and not out
 
 
-def test_multi_gpu_launchers_count_the_gpus_nvidia_smi_lists(tmp_path):
+def test_multi_gpu_launchers_count_the_gpus_nvidia_smi_lists(tmp_path, fake_programs):
     smi = 'printf "GPU 0: H100 (UUID: GPU-a)\\nGPU 1: H100 (UUID: GPU-b)\\n"\n'
-    path = {'PATH': f'{_fake_bin(tmp_path, **{"nvidia-smi": smi})}:{os.environ["PATH"]}'}
+    path = {'PATH': f'{fake_programs(**{"nvidia-smi": smi})}:{os.environ["PATH"]}'}
     code, out, err = _gpu_dry_run('generate_multi_gpu.sh', 'cfg', '/o', env=path)
     assert code == 0, err
     assert [line.split()[0] for line in out[1:-1]] == ['CUDA_VISIBLE_DEVICES=0',
@@ -136,16 +137,6 @@ def test_generate_launchers_print_usage_without_arguments():
         assert result.returncode == 2 and 'CONFIG OUTDIR' in result.stderr
 
 
-def _fake_bin(tmp_path, **programs):
-    """Writes executable shell scripts `name` -> body into tmp_path/bin; returns that folder."""
-    folder = tmp_path / 'bin'
-    folder.mkdir(exist_ok=True)
-    for name, body in programs.items():
-        (folder / name).write_text('#!/usr/bin/env bash\n' + body)
-        (folder / name).chmod(0o755)
-    return folder
-
-
 # --- launch/tpu_pod.sh: --create / --delete -------------------------------------------------
 
 def test_tpu_pod_creates_the_vm_first_and_deletes_it_last():
@@ -173,10 +164,10 @@ def test_tpu_pod_picks_the_runtime_for_the_generation_unless_told():
     assert not any(' create ' in line or ' delete ' in line for line in without)
 
 
-def test_tpu_pod_deletes_the_vm_when_the_run_fails(tmp_path):
+def test_tpu_pod_deletes_the_vm_when_the_run_fails(tmp_path, fake_programs):
     log = tmp_path / 'gcloud.log'
     gcloud = f'echo "$4" >> {log}\n[ "$4" != ssh ]\n'    # every call logs its verb; ssh fails
-    env = {'PATH': f'{_fake_bin(tmp_path, gcloud=gcloud)}:{os.environ["PATH"]}',
+    env = {'PATH': f'{fake_programs(gcloud=gcloud)}:{os.environ["PATH"]}',
            'TMPDIR': str(tmp_path)}
     result = subprocess.run(['bash', SCRIPT, '--create=v4-8', '--delete', 'pod', 'zone', 'cfg',
                              'gs://b/r'], capture_output=True, text=True,
@@ -185,10 +176,10 @@ def test_tpu_pod_deletes_the_vm_when_the_run_fails(tmp_path):
     assert log.read_text().split() == ['create', 'scp', 'ssh', 'delete']
 
 
-def test_tpu_pod_keeps_a_vm_it_could_not_create(tmp_path):
+def test_tpu_pod_keeps_a_vm_it_could_not_create(tmp_path, fake_programs):
     log = tmp_path / 'gcloud.log'
     gcloud = f'echo "$4" >> {log}\n[ "$4" != create ]\n'   # e.g. the name is taken
-    env = {'PATH': f'{_fake_bin(tmp_path, gcloud=gcloud)}:{os.environ["PATH"]}'}
+    env = {'PATH': f'{fake_programs(gcloud=gcloud)}:{os.environ["PATH"]}'}
     result = subprocess.run(['bash', SCRIPT, '--create=v4-8', '--delete', 'pod', 'zone', 'cfg',
                              'gs://b/r'], capture_output=True, text=True,
                             env={**os.environ, **env})
@@ -270,13 +261,13 @@ exit 0
 '''
 
 
-def _tpu_pod(tmp_path, *args, states=(), vm_state='READY', follow=()):
+def _tpu_pod(tmp_path, fake_programs, *args, states=(), vm_state='READY', follow=()):
     """Runs tpu_pod.sh against FAKE_GCLOUD; returns (result, [call argv, ...])."""
     (tmp_path / 'states.txt').write_text(''.join(f'{s}\n' for s in states))
     (tmp_path / 'vm_state.txt').write_text(vm_state + '\n')
     for n, script in enumerate(follow, 1):
         (tmp_path / f'follow-{n}.sh').write_text(script)
-    env = {**os.environ, 'PATH': f'{_fake_bin(tmp_path, gcloud=FAKE_GCLOUD)}:{os.environ["PATH"]}',
+    env = {**os.environ, 'PATH': f'{fake_programs(gcloud=FAKE_GCLOUD)}:{os.environ["PATH"]}',
            'TMPDIR': str(tmp_path)}
     result = subprocess.run(['bash', SCRIPT, '--poll=0', f'--log_file={tmp_path / "w0.log"}',
                              *args], capture_output=True, text=True, env=env, timeout=60)
@@ -291,11 +282,11 @@ def _verbs(calls):
 ENDED_OK = 'echo "epoch 1"; echo "sdtl_worker: run ended, exit status 0"\n'
 
 
-def test_tpu_pod_queued_waits_until_active_then_runs(tmp_path):
+def test_tpu_pod_queued_waits_until_active_then_runs(tmp_path, fake_programs):
     result, calls = _tpu_pod(
-        tmp_path, '--project=p', '--queued', '--spot', '--create=v5litepod-16', '--delete',
-        'pod', 'z', 'cfg', 'gs://b/r', states=['PROVISIONING', 'PROVISIONING', 'ACTIVE'],
-        follow=[ENDED_OK])
+        tmp_path, fake_programs, '--project=p', '--queued', '--spot', '--create=v5litepod-16',
+        '--delete', 'pod', 'z', 'cfg', 'gs://b/r',
+        states=['PROVISIONING', 'PROVISIONING', 'ACTIVE'], follow=[ENDED_OK])
     assert result.returncode == 0, result.stderr
     assert _verbs(calls) == ['queued-resources create'] + ['queued-resources describe'] * 3 + [
         'tpu-vm scp', 'tpu-vm ssh', 'tpu-vm ssh', 'tpu-vm ssh', 'queued-resources delete']
@@ -312,9 +303,9 @@ def test_tpu_pod_queued_waits_until_active_then_runs(tmp_path):
 
 
 @pytest.mark.parametrize('end', ['FAILED', 'SUSPENDED'])
-def test_tpu_pod_queued_stops_at_a_failed_request(tmp_path, end):
-    result, calls = _tpu_pod(tmp_path, '--queued', '--create=v4-8', '--delete', 'pod', 'z',
-                             'cfg', 'gs://b/r', states=['WAITING_FOR_RESOURCES', end])
+def test_tpu_pod_queued_stops_at_a_failed_request(tmp_path, end, fake_programs):
+    result, calls = _tpu_pod(tmp_path, fake_programs, '--queued', '--create=v4-8', '--delete',
+                             'pod', 'z', 'cfg', 'gs://b/r', states=['WAITING_FOR_RESOURCES', end])
     assert result.returncode == 1
     assert _verbs(calls) == ['queued-resources create', 'queued-resources describe',
                              'queued-resources describe', 'queued-resources delete']
@@ -323,9 +314,9 @@ def test_tpu_pod_queued_stops_at_a_failed_request(tmp_path, end):
     assert last.endswith('see why: gcloud compute tpus queued-resources describe pod --zone=z')
 
 
-def test_tpu_pod_logs_follows_the_run_to_its_end_then_deletes(tmp_path):
+def test_tpu_pod_logs_follows_the_run_to_its_end_then_deletes(tmp_path, fake_programs):
     failed = 'echo "step 7: loss nan"; echo "sdtl_worker: run ended, exit status 3"\n'
-    result, calls = _tpu_pod(tmp_path, '--queued', '--delete', '--logs', 'pod', 'z',
+    result, calls = _tpu_pod(tmp_path, fake_programs, '--queued', '--delete', '--logs', 'pod', 'z',
                              follow=[failed])
     assert result.returncode == 3                     # the run's exit status
     assert _verbs(calls) == ['tpu-vm ssh', 'queued-resources delete']
@@ -334,9 +325,9 @@ def test_tpu_pod_logs_follows_the_run_to_its_end_then_deletes(tmp_path):
     assert (tmp_path / 'w0.log').read_text().startswith('step 7: loss nan\n')
 
 
-def test_tpu_pod_reconnects_after_a_dropped_connection(tmp_path):
+def test_tpu_pod_reconnects_after_a_dropped_connection(tmp_path, fake_programs):
     dropped = 'echo "epoch 1"; echo "epoch 2"; exit 255\n'
-    result, calls = _tpu_pod(tmp_path, '--delete', 'pod', 'z', 'cfg', 'gs://b/r',
+    result, calls = _tpu_pod(tmp_path, fake_programs, '--delete', 'pod', 'z', 'cfg', 'gs://b/r',
                              follow=[dropped, ENDED_OK])
     assert result.returncode == 0, result.stderr
     assert _verbs(calls) == ['tpu-vm scp', 'tpu-vm ssh', 'tpu-vm ssh', 'tpu-vm ssh',
@@ -346,22 +337,22 @@ def test_tpu_pod_reconnects_after_a_dropped_connection(tmp_path):
         'epoch 1', 'epoch 2', 'epoch 1', 'sdtl_worker: run ended, exit status 0']
 
 
-def test_tpu_pod_never_deletes_a_vm_whose_run_may_be_going(tmp_path):
+def test_tpu_pod_never_deletes_a_vm_whose_run_may_be_going(tmp_path, fake_programs):
     dropped = 'echo "epoch 1"; exit 255\n'
-    result, calls = _tpu_pod(tmp_path, '--delete', 'pod', 'z', 'cfg', 'gs://b/r',
+    result, calls = _tpu_pod(tmp_path, fake_programs, '--delete', 'pod', 'z', 'cfg', 'gs://b/r',
                              follow=[dropped] * 6)
     assert result.returncode == 1
     assert _verbs(calls).count('tpu-vm ssh') == 2 + 6 and 'tpu-vm delete' not in _verbs(calls)
     assert f'follow it: {SCRIPT} --delete --logs pod z' in result.stderr
     # A preempted VM runs nothing any more: deleted, and the same command later resumes.
-    result, calls = _tpu_pod(tmp_path, '--delete', 'pod', 'z', 'cfg', 'gs://b/r',
+    result, calls = _tpu_pod(tmp_path, fake_programs, '--delete', 'pod', 'z', 'cfg', 'gs://b/r',
                              vm_state='PREEMPTED', follow=[dropped] * 6)
     assert result.returncode == 1 and 'PREEMPTED' in result.stderr
     assert _verbs(calls)[-2:] == ['tpu-vm describe', 'tpu-vm delete']
 
 
-def test_tpu_pod_keeps_a_vm_where_another_run_is_going(tmp_path):
-    busy = _fake_bin(tmp_path, gcloud=f'echo "$4" >> {tmp_path}/calls.log\n'
+def test_tpu_pod_keeps_a_vm_where_another_run_is_going(tmp_path, fake_programs):
+    busy = fake_programs(gcloud=f'echo "$4" >> {tmp_path}/calls.log\n'
                                       'if [[ "$*" == *prepare* ]]; then\n'
                                       '  echo "sdtl_worker: a run is already going on w0" >&2\n'
                                       '  exit 3\nfi\n')
@@ -408,6 +399,48 @@ def test_launchers_fall_back_to_python3_without_a_venv(tmp_path):
                             env=env, check=True)
     assert result.stdout == 'python3 -m sdtl_jax.main --config=cfg --workdir=runs/x\n'
     assert 'no ' + str(tmp_path / '.venv') in result.stderr and 'setup.sh' in result.stderr
+
+
+# --- docs/launch.md: the paper's study on Cloud TPU, one queued VM per run ------------------
+
+def test_docs_tpu_study_script_runs_the_baselines_then_the_transfers_then_the_report(
+        tmp_path, fake_programs):
+    """The script as docs/launch.md prints it, against a stand-in tpu_pod.sh (a run finishes
+    unless its name is in fail.txt) and gcloud (`storage ls` finds the finished runs)."""
+    script = re.search(r'```bash\n(study=gs://.*?)```', (ROOT / 'docs/launch.md').read_text(),
+                       re.S)[1]
+    (tmp_path / 'launch').mkdir()
+    (tmp_path / '.venv/bin').mkdir(parents=True)
+    (tmp_path / 'fail.txt').touch()
+    for path, body in (
+            ('launch/tpu_pod.sh', 'run=${@: -2:1}; run=${run#--config.study.only=}\n'
+                                  'echo "launch $run" >> calls.txt\n'
+                                  'workdir=${@: -4:1}\n'
+                                  'grep -qx "$run" fail.txt || echo "$workdir/$run/results.json" '
+                                  '>> finished.txt\n'),
+            ('.venv/bin/python', 'echo "report $*" >> calls.txt\n')):
+        (tmp_path / path).write_text('#!/usr/bin/env bash\n' + body)
+        (tmp_path / path).chmod(0o755)
+    gcloud = fake_programs(gcloud='[ "$1 $2" = "storage ls" ] && grep -qx "$3" finished.txt\n')
+    env = {**os.environ, 'BUCKET': 'b', 'PATH': f'{gcloud}:{os.environ["PATH"]}'}
+
+    def run_script():
+        (tmp_path / 'calls.txt').write_text('')
+        done = subprocess.run(['bash', '-c', script], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=60)
+        return done, (tmp_path / 'calls.txt').read_text().splitlines()
+
+    (tmp_path / 'fail.txt').write_text('R\n')              # a baseline fails: no transfer starts
+    done, calls = run_script()
+    assert done.returncode == 1 and 'run this again' in done.stdout
+    assert sorted(calls) == ['launch R', 'launch S']
+    (tmp_path / 'fail.txt').write_text('')                 # again: only R, then the 34 transfers
+    done, calls = run_script()
+    assert done.returncode == 0, done.stderr
+    transfers = [f'launch {d}_N{n:02d}' for n in range(1, 18) for d in ('SDTL', 'RDTL')]
+    assert calls[0] == 'launch R' and sorted(calls[1:-1]) == sorted(transfers)
+    assert calls[-1] == 'report -m sdtl_jax.report --workdir=gs://b/sdtl/layers'
+    assert run_script()[1] == ['report -m sdtl_jax.report --workdir=gs://b/sdtl/layers']
 
 
 # --- launch/train_slurm.sh ------------------------------------------------------------------
@@ -458,10 +491,9 @@ def test_train_slurm_refuses_a_node_list_of_the_wrong_size_or_a_local_workdir():
         assert result.returncode == 2 and result.stderr, args
 
 
-def test_train_slurm_job_gives_each_task_its_process_id(tmp_path):
+def test_train_slurm_job_gives_each_task_its_process_id(tmp_path, fake_programs):
     """The submitted script itself, under fake sbatch/scontrol/srun: what each task receives."""
-    bin_dir = _fake_bin(
-        tmp_path,
+    bin_dir = fake_programs(
         sbatch='SLURM_JOB_ID=7 SLURM_JOB_NODELIST="n[3-4]" SLURM_NTASKS=2 exec bash -s\n',
         scontrol='printf "n3\\nn4\\n"\n',
         srun='while [[ $1 == --* ]]; do shift; done\n'
@@ -577,9 +609,9 @@ def test_sweep_over_tpu_vms_runs_on_every_worker(capsys):
         assert shlex.split(command)[:4] == ['cd', '/opt/sdtl jax', '&&', 'SDTL_MULTIHOST=1']
 
 
-def test_sweep_stops_at_a_failed_host_and_names_it(tmp_path, capsys):
+def test_sweep_stops_at_a_failed_host_and_names_it(tmp_path, capsys, fake_programs):
     calls = tmp_path / 'calls.log'
-    ssh = _fake_bin(tmp_path, ssh=f'echo "$1" >> {calls}\necho "training on $1"\n'
+    ssh = fake_programs(ssh=f'echo "$1" >> {calls}\necho "training on $1"\n'
                                   '[ "$1" != bad ]\n') / 'ssh'
     code, out, err = _sweep(capsys, SMOKE, '--workdir=/shared/layers', '--hosts=good,bad',
                             f'--ssh={ssh}')
@@ -618,7 +650,7 @@ def test_sweep_script_rejects_an_unknown_config_path():
 WORKER = str(ROOT / 'launch' / 'tpu_worker.sh')
 
 
-def test_tpu_worker_runs_detached_and_keeps_the_exit_status(tmp_path):
+def test_tpu_worker_runs_detached_and_keeps_the_exit_status(tmp_path, fake_programs):
     """start, follow and prepare for real on this machine, with a fake main.py and gcloud."""
     venv = tmp_path / 'repo' / '.venv' / 'bin'
     venv.mkdir(parents=True)
@@ -627,7 +659,7 @@ def test_tpu_worker_runs_detached_and_keeps_the_exit_status(tmp_path):
         'for i in $(seq 200); do [ -f "$HOME/go" ] && break; sleep 0.05; done\n'
         'echo "done"; exit 3\n')
     (venv / 'python').chmod(0o755)
-    bin_dir = _fake_bin(tmp_path, gcloud=f'echo "$*" >> {tmp_path}/gcloud.log\n')
+    bin_dir = fake_programs(gcloud=f'echo "$*" >> {tmp_path}/gcloud.log\n')
     env = {**os.environ, 'HOME': str(tmp_path), 'SDTL_CHECKOUT': str(tmp_path / 'repo'),
            'SDTL_WORKER_ID': '2', 'SDTL_LOG_SYNC_S': '3600',
            'PATH': f'{bin_dir}:{os.environ["PATH"]}'}
@@ -673,7 +705,7 @@ def _no_python_path(tmp_path):
     return str(sys_bin)
 
 
-def test_tpu_worker_sets_up_a_new_python_on_a_tpu_image(tmp_path):
+def test_tpu_worker_sets_up_a_new_python_on_a_tpu_image(tmp_path, fake_programs):
     """A TPU VM image's python3 is 3.10: the worker's setup (setup.sh's dry run) gets a newer
     one through uv, with the tpu extra, no torch and apt allowed for python3-venv."""
     repo = tmp_path / 'repo'
@@ -690,7 +722,7 @@ def test_tpu_worker_sets_up_a_new_python_on_a_tpu_image(tmp_path):
             '\'v\', \'major minor micro releaselevel serial\')(3, 10, 12, \'final\', 0); '
             'sys.version = \'3.10.12 (main) [GCC 11.4.0]\'\n$2"); shift 2\n'
             f'  else args+=("$1"); shift; fi\ndone\nexec {sys.executable} "${{args[@]}}"\n')}
-    bin_dir = _fake_bin(tmp_path, **fake)
+    bin_dir = fake_programs(**fake)
     env = {'HOME': str(tmp_path), 'SDTL_CHECKOUT': str(repo), 'SDTL_DRY_RUN': '1',
            'PATH': f'{bin_dir}:{_no_python_path(tmp_path)}'}
 
@@ -716,7 +748,7 @@ def test_tpu_worker_sets_up_a_new_python_on_a_tpu_image(tmp_path):
     else:
         [line] = no_uv.stderr.strip().splitlines()
         assert 'Python >= 3.11' in line and 'python3 is 3.10.12' in line, line
-    _fake_bin(tmp_path, uv='[ "$1" = --version ] && echo "uv 0.9.0"\n')
+    fake_programs(uv='[ "$1" = --version ] && echo "uv 0.9.0"\n')
     with_uv = prepare()
     assert with_uv.returncode == 0, with_uv.stderr
     uv_python(with_uv.stdout)
