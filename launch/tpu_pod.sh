@@ -281,7 +281,9 @@ if [ -n "$accelerator" ] && [ "$queued" = 1 ]; then
   fi
 fi
 
-tarball=${TMPDIR:-/tmp}/sdtl_jax_$(git -C "$root" rev-parse --short HEAD).tar.gz
+# One file per VM: launches for several VMs at once (one per run of a study) do not overwrite
+# each other's while it is being copied.
+tarball=${TMPDIR:-/tmp}/sdtl_jax_$(git -C "$root" rev-parse --short HEAD)_$name.tar.gz
 run git -C "$root" archive --format=tar.gz -o "$tarball" HEAD
 gcloud_ compute tpus tpu-vm scp --worker=all --zone="$zone" "$tarball" "$name:~/sdtl_jax.tar.gz"
 prepare="tar -xzOf ~/sdtl_jax.tar.gz launch/tpu_worker.sh > ~/sdtl_worker.sh"
