@@ -1,7 +1,7 @@
 r"""Runs a study on a SLURM cluster: one job array per stage, then a job that writes the report.
 
   python launch/study_slurm.py --config=configs/study/layers.py --workdir=/shared/sdtl/layers \
-      --partition=gpu --gpus=8 --time=24:00:00 [--max_parallel=8] [--dry_run]
+      --partition=gpu --gpus=1 --time=24:00:00 [--max_parallel=8] [--dry_run]
   python launch/study_slurm.py --config=configs/study/layers.py --workdir=/shared/sdtl/layers \
       --status
 
@@ -14,8 +14,9 @@ one array task per run, each running
       --config.study.only=<its run> --config.study.report=False [the --config.* overrides]
 
 Stage 2's array waits for stage 1's (--dependency=afterok:<array>), and a last job runs
-`python -m sdtl_jax.report --workdir=WORKDIR` once every run succeeded. A task of --nodes=N > 1
-nodes joins its nodes through jax.distributed, as launch/train_slurm.sh does.
+`python -m sdtl_jax.report --workdir=WORKDIR` once every run succeeded. Jobs are named
+sdtl-<WORKDIR's last folder>-stage<k> and -report (`scancel --name=...` stops a study). A task
+of --nodes=N > 1 nodes joins its nodes through jax.distributed, as launch/train_slurm.sh does.
 
 Preemption: tasks are submitted with --requeue and --signal=B:TERM@GRACE. The batch script
 passes SIGTERM on to the run, which saves a checkpoint and exits with status 143; the script
