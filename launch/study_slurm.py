@@ -313,7 +313,7 @@ def launch(o: Options, fv: flags.FlagValues, stages: list[list[str]], write_repo
             continue
         job = submit(sbatch_argv(fv.sbatch_args, depends_on), script)
         jobs.update({run: f'{job}_{k}' for k, run in enumerate(runs)})
-        metrics_io.write_json(_jobs_path(o.workdir), jobs)
+        fileio.write_json(_jobs_path(o.workdir), jobs)
         print(f'stage {i}/{len(todo)}: job array {job}, {len(runs)} runs: {", ".join(runs)}')
         waits_for.append(job)
     if not write_report:

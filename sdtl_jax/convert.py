@@ -42,7 +42,7 @@ import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
-from sdtl_jax import cli, metrics_io, models
+from sdtl_jax import cli, fileio, models
 from sdtl_jax.models import layers
 
 # The reference's linear classifier, whose weight is our `head` kernel.
@@ -289,7 +289,7 @@ def convert(checkpoint: str, out: str, *, model_config: Mapping[str, Any],
         head = 'dropped' if num_classes is None else f'fresh, {num_classes} classes'
     summary = {'checkpoint': os.path.abspath(checkpoint), 'model': config, 'head': head,
                'dropped': dropped, 'written': os.path.join(directory, '0')}
-    metrics_io.write_json(os.path.join(out, 'convert.json'), summary)
+    fileio.write_json(os.path.join(out, 'convert.json'), summary)
     return summary
 
 

@@ -12,8 +12,12 @@ to (so `append_text` rewrites it: only small logs are appended to, one line per 
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
+from collections.abc import Iterator
+from typing import Any
 
 from etils import epath
 
@@ -59,21 +63,44 @@ def read_text(path: str | os.PathLike) -> str:
     return epath.Path(path).read_text()
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, tmp: str | None = None) -> Iterator[str]:
+    """A local path to write `path`'s new contents to: renamed onto `path` when the block ends,
+    deleted when it raises. A reader, or a run resumed after a crash, then finds the old file
+    or the whole new one, never half of one.
+
+    The temporary file is `<path>.tmp.<pid>` (per process: several may write the same file),
+    or `tmp`, for a writer whose killed runs' leftovers are found and removed by their name.
+    """
+    path = os.fspath(path)
+    tmp = tmp or f'{path}.tmp.{os.getpid()}'
+    try:
+        yield tmp
+    except BaseException:   # an interrupt too: no partial file is left behind
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes so that a reader sees the old file or the new one, never half of one."""
     if is_remote(path):
         epath.Path(path).write_bytes(data)   # an upload replaces the object atomically
         return
-    path = os.fspath(path)
-    makedirs(os.path.dirname(path) or '.')
-    tmp = f'{path}.tmp.{os.getpid()}'     # per process: several may write the same file
-    with open(tmp, 'wb') as f:
+    makedirs(os.path.dirname(os.fspath(path)) or '.')
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Indented, with sorted keys and a final newline: files that read and diff well, the same
+    bytes for the same value. Atomic, as `write_bytes`."""
+    write_text(path, json.dumps(value, indent=2, sort_keys=True) + '\n')
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:

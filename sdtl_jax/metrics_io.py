@@ -49,7 +49,7 @@ class Writer:
         if not self.enabled:
             return
         values = config.to_dict()
-        write_json(os.path.join(self.workdir, 'config.json'), values)
+        fileio.write_json(os.path.join(self.workdir, 'config.json'), values)
         text = json.dumps(values, indent=2, sort_keys=True)
         # An indented block: TensorBoard's text dashboard renders markdown.
         self._tb.add_text('config', textwrap.indent(text, '    '), 0)
@@ -149,11 +149,6 @@ def summarize(records: Sequence[dict[str, Any]], last_epochs: int) -> dict[str, 
 
 def read_json(path: str) -> Any:
     return json.loads(fileio.read_text(path))
-
-
-def write_json(path: str, value: Any) -> None:
-    """Writes atomically, so a reader never sees half a file."""
-    fileio.write_text(path, json.dumps(value, indent=2, sort_keys=True) + '\n')
 
 
 def progress(total: int, initial: int, desc: str, *, enabled: bool) -> Progress:

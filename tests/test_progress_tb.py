@@ -12,7 +12,7 @@ import pytest
 import tqdm.std
 from tensorboardX.proto import event_pb2, plugin_hparams_pb2
 
-from sdtl_jax import metrics_io, study
+from sdtl_jax import fileio, metrics_io, study
 
 ROOT = pathlib.Path(__file__).parent.parent
 RECORD = {'epoch': 1, 'train_loss': 2.5, 'lr': 0.1, 'step_s': 0.25, 'wall_s': 40.0,
@@ -143,7 +143,7 @@ def test_study_says_time_left_from_the_finished_runs(tmp_path, monkeypatch):
     def train(config, workdir):       # instant, but reports 100 steps of 1 s and 130 s in all
         pathlib.Path(workdir).mkdir()
         result = {'steps': 100, 'wall_seconds': 130.0}
-        metrics_io.write_json(f'{workdir}/results.json', result)
+        fileio.write_json(f'{workdir}/results.json', result)
         pathlib.Path(workdir, 'metrics.jsonl').write_text(json.dumps({'epoch': 1, 'step_s': 1.0}))
         return result
 

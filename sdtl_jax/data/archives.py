@@ -20,6 +20,8 @@ import tarfile
 from collections.abc import Callable
 from typing import NamedTuple
 
+from sdtl_jax import fileio
+
 _MAGIC = {b'\x1f\x8b': gzip.open, b'BZh': bz2.open, b'\xfd7zXZ\x00': lzma.open}
 
 
@@ -102,8 +104,7 @@ def uncompressed(path: str, cache_dir: str) -> str:
     if not os.path.exists(target):
         os.makedirs(cache_dir, exist_ok=True)
         print(f'Decompressing {path} into {target} (once) ...', flush=True)
-        tmp = f'{target}.tmp.{os.getpid()}'
-        with opener(path, 'rb') as src, open(tmp, 'wb') as dst:
+        with (fileio.atomic_path(target) as tmp, opener(path, 'rb') as src,
+              open(tmp, 'wb') as dst):
             shutil.copyfileobj(src, dst, 1 << 22)
-        os.replace(tmp, target)
     return target

@@ -38,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from sdtl_jax import metrics_io
+from sdtl_jax import fileio, metrics_io
 from sdtl_jax.data import records
 
 PLAN_VERSION = 1
@@ -184,7 +184,7 @@ def _check_plan(out_dir: str, plan: Mapping[str, Any], overwrite: bool) -> None:
         return
     if overwrite:
         _remove_split(out_dir, plan)
-    records.write_json(path, plan)
+    fileio.write_json(path, plan)
 
 
 def _remove_split(out_dir: str, plan: Mapping[str, Any]) -> None:
@@ -195,7 +195,7 @@ def _remove_split(out_dir: str, plan: Mapping[str, Any]) -> None:
         records.remove_split(out_dir, name=meta['name'], domain=meta['domain'],
                              classes=meta['classes'], split=split)
     for filename in os.listdir(out_dir):
-        if (records.is_shard_of(split, filename) or filename.startswith(f'.tmp-{split}-')
+        if (records.is_shard_of(split, filename) or records.is_temporary_shard(split, filename)
                 or filename.startswith(f'{split}-') and filename.endswith('.array_record.json')
                 or filename in (f'{split}.plan.json', f'{split}.summary.json',
                                 f'{split}.labels.npy')):
@@ -319,7 +319,7 @@ def write_generated_split(generator: Generator, requests: Sequence[GenerationReq
     done = set(finished_shards(out_dir, plan))
     todo = [i for i in mine if i not in done]
     for filename in os.listdir(out_dir):   # this worker's leftovers from a killed run
-        if any(filename.startswith(f'.tmp-{split}-{i:05d}.') for i in todo):
+        if any(records.is_temporary_shard(split, filename, i) for i in todo):
             os.remove(os.path.join(out_dir, filename))
 
     def shard_requests(i: int) -> Sequence[GenerationRequest]:
@@ -334,19 +334,15 @@ def write_generated_split(generator: Generator, requests: Sequence[GenerationReq
             concurrent.futures.ThreadPoolExecutor(encode_threads) as encoder:
         for i in todo:
             final = os.path.join(out_dir, plan['files'][i])
-            tmp = os.path.join(out_dir, f'.tmp-{split}-{i:05d}.{os.getpid()}')
-            try:
+            tmp = os.path.join(out_dir, records.temporary_shard_name(split, i))
+            # The summary is written before the shard gets its final name, which marks it done.
+            with fileio.atomic_path(final, tmp):
                 summary = _write_shard(tmp, shard_requests(i), generator, name=name,
                                        split=split, num_classes=len(classes),
                                        batch_size=batch_size, image_format=image_format,
                                        jpeg_quality=jpeg_quality, encoder=encoder,
                                        progress=bar.update)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
-            records.write_json(_shard_summary_path(out_dir, plan['files'][i]), summary)
-            os.replace(tmp, final)
+                fileio.write_json(_shard_summary_path(out_dir, plan['files'][i]), summary)
     left = plan['num_shards'] - len(finished_shards(out_dir, plan))
     if left:
         if verbose:
@@ -409,7 +405,7 @@ def merge(out_dir: str | os.PathLike, split: str = 'train', *,
         summary = {'name': plan['name'], 'split': split, **info,
                    'resamples': resamples.tolist(), 'num_resamples': int(resamples.sum()),
                    'settings': plan['settings'], 'versions': plan['versions']}
-        records.write_json(_summary_path(out_dir, split), summary)
+        fileio.write_json(_summary_path(out_dir, split), summary)
     if verbose:
         print(format_summary(summary), flush=True)
     return summary

@@ -34,6 +34,8 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from sdtl_jax import fileio
+
 DOMAINS = ('real', 'synth')
 META_FILE = 'meta.json'
 # One record per group: grain reads records at random, and a group is the unit of decompression.
@@ -163,6 +165,18 @@ def is_shard_of(split: str, filename: str) -> bool:
     return re.fullmatch(re.escape(split) + _SHARD_RE, filename) is not None
 
 
+def temporary_shard_name(split: str, index: int) -> str:
+    """The name shard `index` of `split` has until it is complete: hidden, and per process, as
+    the workers of a generation share a directory."""
+    return f'.tmp-{split}-{index:05d}.{os.getpid()}'
+
+
+def is_temporary_shard(split: str, filename: str, index: int | None = None) -> bool:
+    """Whether `filename` is a `temporary_shard_name` of `split` (of shard `index` if given),
+    of any process: what a killed write leaves behind."""
+    return filename.startswith(f'.tmp-{split}-' if index is None else f'.tmp-{split}-{index:05d}.')
+
+
 def check_split_name(split: str) -> None:
     """Split names become file names: letters, digits, "_" and "." only."""
     if not re.fullmatch(r'[A-Za-z0-9_.]+', split):
@@ -177,10 +191,8 @@ def labels_path(dataset_dir: str | os.PathLike, split: str) -> str:
 def write_labels(dataset_dir: str | os.PathLike, split: str, labels: Sequence[int]) -> str:
     """Writes `<split>.labels.npy` (int32, record order) atomically; returns its path."""
     path = labels_path(dataset_dir, split)
-    tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'wb') as f:
+    with fileio.atomic_path(path) as tmp, open(tmp, 'wb') as f:
         np.save(f, np.asarray(labels, dtype=np.int32).reshape(-1))
-    os.replace(tmp, path)
     return path
 
 
@@ -237,7 +249,7 @@ class ShardWriter:
         from array_record.python import array_record_module
 
         path = os.path.join(self.dataset_dir,
-                            f'.tmp-{self.split}-{len(self._tmp_files):05d}.{os.getpid()}')
+                            temporary_shard_name(self.split, len(self._tmp_files)))
         self._tmp_files.append(path)
         self._writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
         self._in_shard = 0
@@ -269,6 +281,7 @@ class ShardWriter:
         self._close_current()
         num_shards = len(self._tmp_files)
         files = [shard_name(self.split, i, num_shards) for i in range(num_shards)]
+        # Not `fileio.atomic_path`: a shard's final name holds the shard count, known only now.
         for tmp, name in zip(self._tmp_files, files):
             os.replace(tmp, os.path.join(self.dataset_dir, name))
         # Shards of an earlier write of this split (maybe another shard count) would be stale.
@@ -329,14 +342,6 @@ def _validate_meta(meta: Any, path: str) -> dict[str, Any]:
     return meta
 
 
-def write_json(path: str, value: Any) -> None:
-    """Writes `value` as JSON to `path` atomically (temporary file, then rename)."""
-    tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(value, f)
-    os.replace(tmp, path)
-
-
 def write_meta(dataset_dir: str | os.PathLike, name: str, domain: str, classes: Sequence[str],
                splits: Mapping[str, Mapping[str, Any]]) -> str:
     """Writes `<dataset_dir>/meta.json` atomically; returns its path."""
@@ -347,12 +352,7 @@ def write_meta(dataset_dir: str | os.PathLike, name: str, domain: str, classes: 
                            'class_counts': [int(c) for c in i['class_counts']]}
                        for s, i in sorted(splits.items())}}
     _validate_meta(meta, path)
-    os.makedirs(dataset_dir, exist_ok=True)
-    tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(meta, f, indent=1)
-        f.write('\n')
-    os.replace(tmp, path)
+    fileio.write_json(path, meta)
     return path
 
 

@@ -52,7 +52,7 @@ import tqdm
 from absl import flags
 from PIL import Image, ImageOps
 
-from sdtl_jax import metrics_io
+from sdtl_jax import fileio, metrics_io
 from sdtl_jax.data import archives, records
 from sdtl_jax.errors import UserError
 
@@ -230,16 +230,12 @@ def _progress_path(out_dir: str, split: str) -> str:
     return os.path.join(out_dir, f'{split}.progress.json')
 
 
-def _is_temporary(split: str, filename: str) -> bool:
-    return filename.startswith(f'.tmp-{split}-')
-
-
 def _start_fresh(out_dir: str, split: str, *, name: str, domain: str,
                  classes: Sequence[str]) -> None:
     """Removes every trace of an earlier write of `split` (meta.json entry first)."""
     records.remove_split(out_dir, name=name, domain=domain, classes=classes, split=split)
     for filename in os.listdir(out_dir):
-        if records.is_shard_of(split, filename) or _is_temporary(split, filename):
+        if records.is_shard_of(split, filename) or records.is_temporary_shard(split, filename):
             os.remove(os.path.join(out_dir, filename))
     for path in (records.labels_path(out_dir, split), _unreadable_path(out_dir, split)):
         if os.path.exists(path):
@@ -367,7 +363,7 @@ def write_split(out_dir: str | os.PathLike, items: Sequence[Item], *, name: str,
         done = {}
     else:
         for filename in os.listdir(out_dir):
-            if _is_temporary(split, filename):
+            if records.is_temporary_shard(split, filename):
                 os.remove(os.path.join(out_dir, filename))
     todo = [i for i in range(num_shards) if str(i) not in done]
     resumed = num_shards - len(todo)
@@ -380,19 +376,14 @@ def write_split(out_dir: str | os.PathLike, items: Sequence[Item], *, name: str,
     with bar, concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
         for index in todo:
             part = items[index * items_per_shard:(index + 1) * items_per_shard]
-            tmp = os.path.join(out_dir, f'.tmp-{split}-{index:05d}.{os.getpid()}')
-            try:
+            tmp = os.path.join(out_dir, records.temporary_shard_name(split, index))
+            with fileio.atomic_path(os.path.join(out_dir, files[index]), tmp):
                 info = _write_shard(tmp, part, load, pool, 4 * num_threads, len(classes), bar,
                                     num_unreadable)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
-            os.replace(tmp, os.path.join(out_dir, files[index]))
             done[str(index)] = {'file': files[index], **info}
             num_unreadable += len(info['unreadable'])
-            records.write_json(progress_path, {'fingerprint': expected, 'num_shards': num_shards,
-                                        'shards': done})
+            fileio.write_json(progress_path, {'fingerprint': expected, 'num_shards': num_shards,
+                                              'shards': done})
     return _finish(out_dir, [done[str(i)] for i in range(num_shards)], problems, name=name,
                    domain=domain, classes=classes, split=split, num_items=len(items),
                    resumed=resumed, num_read=len(items) - initial, seconds=time.time() - start)

@@ -13,12 +13,11 @@ as a token, with and without the end-of-word mark, so any prompt tokenizes.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
 
-from sdtl_jax import cli
+from sdtl_jax import cli, fileio
 from sdtl_jax.generate import diffusion
 
 
@@ -45,8 +44,7 @@ def write_tokenizer(path: str) -> int:
     for char in _byte_chars():
         for token in (char, char + '</w>'):
             vocab.setdefault(token, len(vocab))
-    with open(os.path.join(path, 'vocab.json'), 'w') as f:
-        json.dump(vocab, f)
+    fileio.write_json(os.path.join(path, 'vocab.json'), vocab)
     with open(os.path.join(path, 'merges.txt'), 'w') as f:
         f.write('#version: 0.2\n')
     # CLIPTokenizer(vocab_file=...) ignores the files in transformers 5: load the folder.
