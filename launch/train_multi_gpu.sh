@@ -8,7 +8,7 @@
 #
 # --gpus=N uses N GPUs of this host (default: all), as in every launcher: the first N of
 # CUDA_VISIBLE_DEVICES when it is set (so it picks which GPUs), else GPUs 0..N-1.
-# config.global_batch must divide by their number (config_lib.validate says so at startup). JAX
+# config.global_batch must divide by their number (config_check.validate says so at startup). JAX
 # reserves 75% of each GPU's memory up front; XLA_PYTHON_CLIENT_MEM_FRACTION=.9 in the
 # environment gives it more (for larger batches), or XLA_PYTHON_CLIENT_PREALLOCATE=false makes it
 # allocate as it goes (sharing a GPU). Runs with the repository's .venv (PYTHON overrides; GPU

@@ -2,7 +2,8 @@
 
 Layout: `<workdir>/checkpoints/<step>/{state,data}`. `state` is the whole `TrainState`
 (params, batch_stats, optimizer state, step, RNG); `data` is the grain iterator's position, so
-a resumed run sees exactly the batches it would have seen.
+a resumed run sees exactly the batches it would have seen. `Preemption` turns a SIGTERM into a
+checkpoint at the next step; `saves_completed` finishes background saves on every way out.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import functools
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
@@ -307,3 +310,43 @@ def _final_step(path: str) -> int | None:
         f'transfer.init_from={path} is not a finished run: {results} is missing. Finish it '
         'first (re-run its command; it resumes), or point init_from at a finished run or at '
         'a checkpoint written by `python -m sdtl_jax.convert`')
+
+
+@contextlib.contextmanager
+def saves_completed(ckpt: Checkpointer):
+    """Completes the checkpoints being written (in the background) on the way out, also when
+    an exception (a diverged loss, Ctrl-C) ends training: the last good one must be kept."""
+    try:
+        yield
+    finally:
+        ckpt.wait_until_finished()
+
+
+class Preemption:
+    """SIGTERM (a preemption notice): the loop saves a checkpoint and exits.
+
+    One process: a Python handler sets a flag. Several: JAX's coordination service already
+    catches SIGTERM and makes all processes agree on a step (Orbax's `reached_preemption`);
+    a Python handler would replace its own.
+    """
+
+    def __init__(self, ckpt: Checkpointer, process_count: int):
+        self._ckpt, self._received = ckpt, False
+        # Handlers can only be set from the main thread (not so in some notebook runners).
+        self._own_handler = (process_count == 1
+                             and threading.current_thread() is threading.main_thread())
+
+    def __enter__(self) -> Preemption:
+        if self._own_handler:
+            self._previous = signal.signal(signal.SIGTERM, self._set)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._own_handler:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _set(self, signum, frame) -> None:
+        self._received = True
+
+    def reached(self, step: int) -> bool:
+        return self._received if self._own_handler else self._ckpt.reached_preemption(step)

@@ -32,7 +32,7 @@ def main(argv):
     import jax
 
     import sdtl_jax
-    from sdtl_jax import config_lib, metrics_io, study, train
+    from sdtl_jax import config_lib, experiment, metrics_io, study
 
     sdtl_jax.use_compilation_cache()
 
@@ -46,23 +46,16 @@ def main(argv):
         jax.distributed.initialize(**explicit)
     metrics_io.say(f'JAX {jax.__version__}: {jax.process_count()} process(es), '
                    f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
-    # Config errors as one line, before any data is read or program compiled: train.run would
-    # otherwise train a transfer's source stage before checking the target stage's config.
-    is_study = study.is_study(FLAGS.config)
+    # Config errors as one line, before any data is read or program compiled: `experiment.run`
+    # validates the config (the target stage's too) before a transfer's source stage trains,
+    # and `study.run` every run's before the first.
     try:
-        if is_study:
-            study.expand(FLAGS.config, num_devices=jax.device_count(),     # checks every run
-                         num_processes=jax.process_count())
-        else:
-            config_lib.validate(FLAGS.config, num_devices=jax.device_count(),
-                                num_processes=jax.process_count())
-    except ValueError as e:
-        sys.exit(f'FATAL config error: {e}')
-    try:
-        if is_study:
+        if config_lib.is_study(FLAGS.config):
             study.run(FLAGS.config, FLAGS.workdir)      # prints where its report went
             return
-        results = train.run(FLAGS.config, FLAGS.workdir)
+        results = experiment.run(FLAGS.config, FLAGS.workdir)
+    except config_lib.ConfigError as e:
+        sys.exit(f'FATAL config error: {e}')
     except UserError as e:
         # Every process exits 1; one line from process 0 is enough, not one per host.
         sys.exit(f'FATAL {e}' if jax.process_index() == 0 else 1)
@@ -85,11 +78,11 @@ def parse_flags(argv):
         if path is None:
             raise
         # Imported here: it imports JAX, which `--help` should not wait for.
-        from sdtl_jax import config_lib
+        from sdtl_jax import config_check
 
         config = FLAGS['config'].parser.parse(path)     # the config file without overrides
         try:
-            config_lib.check_overrides(config, [m[1] for a in argv if (
+            config_check.check_overrides(config, [m[1] for a in argv if (
                 m := re.match(r'--?(?:no)?config\.([^=]+)', a))])
         except ValueError as e:
             sys.exit(f'FATAL Flags parsing error: {e}')

@@ -10,7 +10,7 @@ turns it into runs, each a plain experiment config with its own sub-folder of th
 
 The baselines double as the transfers' sources (one source model per direction, as in the
 paper), so a transfer run starts from `<workdir>/S` or `<workdir>/R` through
-`transfer.init_from` and never trains its own. Finished runs are reused (`train.run`), so
+`transfer.init_from` and never trains its own. Finished runs are reused (`experiment.run`), so
 re-running the command resumes the study where it stopped and then rewrites the report.
 `study.only` restricts an invocation to some runs: the sweep launcher hands each machine its
 share, stage by stage (`stages`).
@@ -25,15 +25,21 @@ from typing import Any
 
 import ml_collections
 
-from sdtl_jax import config_lib, fileio, metrics_io, report, run_identity
+from sdtl_jax import (
+    config_check,
+    config_lib,
+    fileio,
+    metrics_io,
+    report,
+    report_tables,
+    run_identity,
+)
+from sdtl_jax.config_lib import ConfigError
 from sdtl_jax.errors import UserError
 from sdtl_jax.report import MANIFEST
 
-STUDIES = ('layers', 'data_reduction', 'augmentations')
-DOMAINS = {'real': 'R', 'synth': 'S'}
-# direction: (source domain, target domain, run-name prefix)
-DIRECTIONS = {'synth_to_real': ('synth', 'real', 'SDTL'),
-              'real_to_synth': ('real', 'synth', 'RDTL')}
+# The baselines' run names: S trains on synthetic data only, R on real data only.
+BASELINE_RUNS = {'real': 'R', 'synth': 'S'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,21 +61,6 @@ class Run:
                 'aug': c.aug.name}
 
 
-def add_study(config: ml_collections.ConfigDict, name: str, dataset: str) -> None:
-    """Adds the `study` section every study config shares."""
-    if name not in STUDIES:
-        raise ValueError(f'Unknown study {name!r}; allowed: {STUDIES}')
-    config.study = ml_collections.ConfigDict()
-    config.study.name = name
-    config.study.dataset = dataset      # for the report: the paper's numbers beside ours
-    config.study.only = ''              # comma-separated run names; '' = every run
-    config.study.report = True          # write report.md and the figures when done
-
-
-def is_study(config: ml_collections.ConfigDict) -> bool:
-    return 'study' in config
-
-
 def _run_config(config: ml_collections.ConfigDict, *, train: str, num_frozen: int = 0,
                 fraction: float = 1.0, aug: str | None = None,
                 source_domain: str = '') -> ml_collections.ConfigDict:
@@ -89,7 +80,7 @@ def _baseline(config, name, domain, **kw) -> Run:
 
 
 def _transfer(config, name, direction, source, num_frozen, **kw) -> Run:
-    source_domain, target, _ = DIRECTIONS[direction]
+    source_domain, target, _ = config_lib.DIRECTIONS[direction]
     c = _run_config(config, train=target, num_frozen=num_frozen, source_domain=source_domain,
                     **kw)
     return Run(name, c, 'transfer', target, source=source, direction=direction)
@@ -103,28 +94,28 @@ def expand(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     if s.name == 'layers':
         runs = [_baseline(config, 'S', 'synth'), _baseline(config, 'R', 'real')]
         for direction in s.directions:
-            if direction not in DIRECTIONS:
-                raise ValueError(f'config.study.directions has {direction!r}; allowed: '
-                                 f'{list(DIRECTIONS)}')
-            source_domain, _, prefix = DIRECTIONS[direction]
-            runs += [_transfer(config, f'{prefix}_N{n:02d}', direction, DOMAINS[source_domain],
-                               n) for n in s.num_frozen]
+            if direction not in config_lib.DIRECTIONS:
+                raise ConfigError(f'config.study.directions has {direction!r}; allowed: '
+                                  f'{list(config_lib.DIRECTIONS)}')
+            source_domain, _, prefix = config_lib.DIRECTIONS[direction]
+            runs += [_transfer(config, f'{prefix}_N{n:02d}', direction,
+                               BASELINE_RUNS[source_domain], n) for n in s.num_frozen]
     elif s.name == 'data_reduction':
         runs = [_baseline(config, 'S', 'synth')]
         for f in s.fractions:
-            d = report.divisor(f)
+            d = report_tables.divisor(f)
             runs += [_baseline(config, f'R_1of{d}', 'real', fraction=f),
                      _transfer(config, f'SDTL_N{s.transfer_num_frozen:02d}_1of{d}',
                                'synth_to_real', 'S', s.transfer_num_frozen, fraction=f)]
     elif s.name == 'augmentations':
         for domain in s.domains:
-            if domain not in DOMAINS:
-                raise ValueError(f'config.study.domains has {domain!r}; allowed: '
-                                 f'{list(DOMAINS)}')
-        runs = [_baseline(config, f'{DOMAINS[domain]}_{aug}', domain, aug=aug)
+            if domain not in BASELINE_RUNS:
+                raise ConfigError(f'config.study.domains has {domain!r}; allowed: '
+                                  f'{list(BASELINE_RUNS)}')
+        runs = [_baseline(config, f'{BASELINE_RUNS[domain]}_{aug}', domain, aug=aug)
                 for domain in s.domains for aug in s.pipelines]
     else:
-        raise ValueError(f'config.study.name={s.name!r}; allowed: {STUDIES}')
+        raise ConfigError(f'config.study.name={s.name!r}; allowed: {config_lib.STUDIES}')
     _check(config, runs, num_devices=num_devices, num_processes=num_processes)
     return runs
 
@@ -134,16 +125,17 @@ def _check(config: ml_collections.ConfigDict, runs: list[Run], *, num_devices: i
     """Every run's config is valid before the first one starts (no failure hours in)."""
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
-        raise ValueError(f'The study repeats runs: {sorted(n for n in names if names.count(n) > 1)}'
-                         ' (config.study lists a value twice)')
+        repeated = sorted(n for n in names if names.count(n) > 1)
+        raise ConfigError(f'The study repeats runs: {repeated} (config.study lists a value '
+                          'twice)')
     for r in runs:
         probe = r.config.copy_and_resolve_references()
         probe.transfer.init_from = r.source     # validate() wants a source for num_frozen > 0
-        config_lib.validate(probe, num_devices=num_devices, num_processes=num_processes)
+        config_check.validate(probe, num_devices=num_devices, num_processes=num_processes)
     unknown = _only(config) - set(names)
     if unknown:
-        raise ValueError(f'config.study.only names unknown runs {sorted(unknown)}; this study '
-                         f'has {names}')
+        raise ConfigError(f'config.study.only names unknown runs {sorted(unknown)}; this '
+                          f'study has {names}')
 
 
 def _only(config: ml_collections.ConfigDict) -> set[str]:
@@ -159,7 +151,7 @@ def stages(runs: list[Run]) -> list[list[Run]]:
 
 
 def write_manifest(config: ml_collections.ConfigDict, runs: list[Run], workdir: str) -> None:
-    metrics_io.write_json(os.path.join(workdir, MANIFEST), {
+    fileio.write_json(os.path.join(workdir, MANIFEST), {
         'study': config.study.name, 'dataset': config.study.dataset,
         'model': config.model.name, 'runs': [r.describe() for r in runs]})
 
@@ -173,8 +165,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train_fn=None) -> di
     if train_fn is None:
         import jax  # imported only when something trains
 
-        from sdtl_jax import train
-        train_fn, is_main = train.run, jax.process_index() == 0
+        from sdtl_jax import experiment
+        # Validated by `expand` below, all before the first run trains.
+        train_fn, is_main = experiment.run_validated, jax.process_index() == 0
         devices = dict(num_devices=jax.device_count(), num_processes=jax.process_count())
     runs = expand(config, **devices)
     only = _only(config)

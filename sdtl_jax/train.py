@@ -1,17 +1,16 @@
-"""The training loop: one jitted, data-parallel step; evaluation each epoch; resume; transfer.
+"""One stage of training: one jitted, data-parallel step; evaluation each epoch; resume.
 
-`run` is what `main.py` calls: for a transfer config it first trains (or reuses) the source
-model in `<workdir>/source`, then trains the target stage in `<workdir>` with layers [0, N)
-taken over from the source and frozen (docs/paper.md §1 and 7).
+`train_and_evaluate` reads top to bottom: the data (`_read_data`), the model, the state to
+start from (`_initial_or_resumed`: resume, transfer or scratch), the loop (`_train`) and the
+results (`_results`). `experiment.py` decides which stages run and checks their workdirs.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 import os
 import signal
-import threading
 import time
 from typing import Any, Callable
 
@@ -30,7 +29,6 @@ from sdtl_jax import (
     metrics_io,
     models,
     optim,
-    run_identity,
     sharding,
     workdir_guard,
 )
@@ -102,49 +100,82 @@ def _dtype(name: str):
     return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       source: str = '') -> dict[str, Any]:
-    """Trains one stage per `config` into `workdir`, resuming from its latest checkpoint.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, source: str = '',
+                       heartbeat: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Trains one stage per `config` into `workdir`, resuming from its latest checkpoint;
+    returns results.json's dict. The config is validated and the workdir checked and locked
+    (`experiment.stage`); `heartbeat` keeps that lock fresh.
 
     Restore order (big_vision): the checkpoint in `workdir`, then layers from `source` (a run
-    workdir or checkpoints folder) for a transfer, then scratch. Returns results.json's dict.
-    Before anything is read or compiled: the config is valid, the workdir writable, not in use
-    by another run (process 0 holds its lock until the stage ends), and holds no run of another
-    experiment (`run_identity`).
+    workdir or checkpoints folder) for a transfer, then scratch.
     """
-    config_lib.validate(config, num_devices=jax.device_count(),
-                        num_processes=jax.process_count())
-    fileio.check_supported(workdir)
-    move_aside = config.if_config_changed == 'move_aside'
-    if jax.process_index() != 0:
-        if not move_aside:
-            run_identity.check(workdir, config, move_aside=False)   # refuses as process 0 does
-        _all_processes_reach('workdir checked')     # process 0 may be moving a run aside
-        return _train_and_evaluate(config, workdir, source, heartbeat=lambda: None)
-    workdir_guard.check_writable(workdir)
-    lock = workdir_guard.RunLock(workdir)
-    note = lock.acquire()
-    if note:
-        metrics_io.say(f'{workdir}: {note}')
-    try:
-        run_identity.check(workdir, config, move_aside=move_aside)
-        _all_processes_reach('workdir checked')
-        return _train_and_evaluate(config, workdir, source, heartbeat=lock.heartbeat)
-    finally:
-        lock.release()
-
-
-def _all_processes_reach(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source: str, *,
-                        heartbeat: Callable[[], None]) -> dict[str, Any]:
     t_start = time.time()
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh()
+    data = _read_data(config, workdir, write_subset=is_main)
+    dtype = _dtype(config.dtype)
+    model = models.build(config.model, num_classes=len(data.train.classes),
+                         num_frozen=config.transfer.num_frozen,
+                         frozen_bn=config.transfer.frozen_bn, dtype=dtype)
+
+    # Finished before: reuse (the source stage of a transfer is shared by every N).
+    results_path = os.path.join(workdir, 'results.json')
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                      keep=config.checkpoint.keep)
+    if fileio.exists(results_path) and ckpt.latest_step() == data.steps.total:
+        metrics_io.say(f'{workdir} is finished; reusing its results')
+        ckpt.close()
+        return metrics_io.read_json(results_path)
+
+    writer = metrics_io.Writer(workdir, enabled=is_main)
+    writer.write_config(config)
+    skip_log = reader.SkipLog(workdir, jax.process_index())
+    state, tx, lr_fn, train_iter = _initial_or_resumed(config, workdir, source, model, data,
+                                                      mesh, ckpt, skip_log)
+    if is_main:     # evaluations after the checkpoint resumed from (or all, from scratch)
+        metrics_io.cut_metrics(workdir, int(state.step))
+        workdir_guard.check_free_space(workdir, _nbytes(state), config.checkpoint.keep)
+    param_counts = _describe(config, workdir, model, data, state)
+
+    replicated = sharding.replicated(mesh)
+    previous = metrics_io.read_metrics(workdir) if is_main else []
+    loop = _Loop(config=config, workdir=workdir, data=data, mesh=mesh, ckpt=ckpt, writer=writer,
+                 skip_log=skip_log,
+                 step_fn=jax.jit(functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn,
+                                                   dtype=dtype),
+                                 donate_argnums=0, out_shardings=(replicated, replicated)),
+                 eval_fn=evaluate.make_eval_fn(model, mesh, dtype),
+                 timer=_StepTimer(int(state.step)), t_start=t_start,
+                 wall_offset=previous[-1]['wall_s'] if previous else 0.0,
+                 last_epochs=range(config.num_epochs - config.eval.last_epochs + 1,
+                                   config.num_epochs + 1))
+    if config.transfer.num_frozen == len(model.layer_names()):
+        # N = 18: every layer is taken over; evaluate the pre-trained model untouched.
+        _evaluate(loop, state, epoch=0, step=0, train_loss=None, lr=0.0)
+        ckpt.save(data.steps.total, state, train_iter)
+        loop.last_epochs = range(0, 1)
+    else:
+        _train(loop, state, train_iter, heartbeat)
+    ckpt.wait_until_finished()
+    ckpt.close()
+    results = _results(loop, source, param_counts) if is_main else {}
+    writer.close()
+    return results
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """What a stage reads: the splits, its reduced training set (Table 6) and its step counts."""
+    data_dir: str
+    train: sources.DatasetSplit
+    eval: sources.DatasetSplit
+    train_indices: np.ndarray | None    # None: the whole training split
+    num_train: int
+    steps: config_lib.Steps
+
+
+def _read_data(config: ml_collections.ConfigDict, workdir: str, *,
+               write_subset: bool) -> _Data:
     data_dir = config.data.data_dir or sources.default_data_dir()
     train_split = sources.resolve(config.data.train, data_dir, config.data.train_split)
     eval_split = sources.resolve(config.data.eval, data_dir, config.data.eval_split)
@@ -159,26 +190,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
     train_indices = subsets.select(
         train_split, fraction=config.data.train_fraction, stratify=config.data.stratified,
         seed=config.seed, max_examples=config.data.max_train_examples, workdir=workdir,
-        write=is_main)
+        write=write_subset)
     num_train = train_split.num_examples if train_indices is None else len(train_indices)
-    steps = config_lib.steps(config, num_train)
-    dtype = _dtype(config.dtype)
-    num_frozen = config.transfer.num_frozen
-    model = models.build(config.model, num_classes=len(train_split.classes),
-                         num_frozen=num_frozen, frozen_bn=config.transfer.frozen_bn, dtype=dtype)
-    layer_names = model.layer_names()
+    return _Data(data_dir=data_dir, train=train_split, eval=eval_split,
+                 train_indices=train_indices, num_train=num_train,
+                 steps=config_lib.steps(config, num_train))
 
-    # Finished before: reuse (the source stage of a transfer is shared by every N).
-    results_path = os.path.join(workdir, 'results.json')
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                      keep=config.checkpoint.keep)
-    if fileio.exists(results_path) and ckpt.latest_step() == steps.total:
-        metrics_io.say(f'{workdir} is finished; reusing its results')
-        ckpt.close()
-        return metrics_io.read_json(results_path)
 
-    writer = metrics_io.Writer(workdir, enabled=is_main)
-    writer.write_config(config)
+def _skip_settings(config: ml_collections.ConfigDict, skip_log: reader.SkipLog) -> dict:
+    return dict(skip_corrupt=config.data.skip_corrupt, skip_log=skip_log.path)
+
+
+def _initial_or_resumed(config, workdir, source, model, data, mesh, ckpt, skip_log):
+    """The state to start from (the workdir's checkpoint, else the source's layers, else
+    scratch), the optimizer and schedule, and the training batches from the matching position.
+    """
     replicated = sharding.replicated(mesh)
     # The transfer stage draws other initial weights than its source did: re-initialised layers
     # must not restart from the source's own initialisation.
@@ -187,99 +213,111 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
     variables = jax.jit(functools.partial(models.init, model, image_size=config.aug.global_size),
                         out_shardings=replicated)(init_rng)
     params, batch_stats = variables['params'], variables.get('batch_stats', {})
-    tx, lr_fn = optim.make(config, params, layer_names, warmup_steps=steps.warmup,
-                           total_steps=steps.total)
+    layer_names = model.layer_names()
+    tx, lr_fn = optim.make(config, params, layer_names, warmup_steps=data.steps.warmup,
+                           total_steps=data.steps.total)
 
-    process_count, process_index = jax.process_count(), jax.process_index()
-    skip_log = reader.SkipLog(workdir, process_index)
-    skip = dict(skip_corrupt=config.data.skip_corrupt, skip_log=skip_log.path)
-    aug = {**config.aug.to_dict(), 'pixmix_cache_dir': os.path.join(data_dir, 'pixmix_fractals')}
+    aug = {**config.aug.to_dict(),
+           'pixmix_cache_dir': os.path.join(data.data_dir, 'pixmix_fractals')}
     train_iter = iter(input_pipeline.train_dataset(
-        train_split, global_batch=config.global_batch, seed=config.seed, aug=aug,
-        process_index=process_index, process_count=process_count,
+        data.train, global_batch=config.global_batch, seed=config.seed, aug=aug,
+        process_index=jax.process_index(), process_count=jax.process_count(),
         num_threads=config.data.num_threads, num_workers=config.data.num_workers,
-        indices=train_indices, **skip))
+        indices=data.train_indices, **_skip_settings(config, skip_log)))
 
     # One program: made eagerly, the optimizer state compiles a zeros op per parameter shape
     # (~30 compiles, 2-3 s for ResNet-50 at every start; seen in bench.rehearsal's compile log).
     new_state = jax.jit(lambda params, batch_stats: initial_state(params, batch_stats, tx,
                                                                   state_rng),
                         out_shardings=replicated)
-
     if ckpt.latest_step() is not None:
         state = ckpt.restore(new_state(params, batch_stats), train_iter)
         metrics_io.say(f'Resumed {workdir} at step {int(state.step)}')
-    else:
-        layers = config_lib.transferred_layers(config, layer_names)
-        if source and layers:
-            params, batch_stats, source_step = checkpointing.load_for_transfer(
-                jax.device_get(params), jax.device_get(batch_stats), source, layers)
-            metrics_io.say(f'{workdir}: loaded layers {layers[0]}..{layers[-1]} from {source} '
-                           f'(step {source_step}, its last)')
-        state = new_state(params, batch_stats)
-    if is_main:     # evaluations after the checkpoint resumed from (or all, from scratch)
-        metrics_io.cut_metrics(workdir, int(state.step))
+        return state, tx, lr_fn, train_iter
+    layers = config_lib.transferred_layers(config, layer_names)
+    if source and layers:
+        params, batch_stats, source_step = checkpointing.load_for_transfer(
+            jax.device_get(params), jax.device_get(batch_stats), source, layers)
+        metrics_io.say(f'{workdir}: loaded layers {layers[0]}..{layers[-1]} from {source} '
+                       f'(step {source_step}, its last)')
+    return new_state(params, batch_stats), tx, lr_fn, train_iter
 
-    if is_main:
-        workdir_guard.check_free_space(workdir, _nbytes(state), config.checkpoint.keep)
-    total_params = num_params(state.params)
-    trainable_params = num_params({k: v for k, v in state.params.items()
-                                   if k not in layer_names[:num_frozen]})
+
+def _describe(config, workdir: str, model, data: _Data, state: TrainState) -> dict[str, int]:
+    """Says what trains; returns the parameter counts results.json reports."""
+    layer_names, num_frozen = model.layer_names(), config.transfer.num_frozen
+    counts = {'num_params': num_params(state.params),
+              'num_trainable_params': num_params({k: v for k, v in state.params.items()
+                                                  if k not in layer_names[:num_frozen]})}
     metrics_io.say(
-        f'{workdir}: {config.model.name} on {config.data.train} ({num_train:,} of '
-        f'{train_split.num_examples:,} images, {config.aug.name}), {total_params:,} params '
-        f'({trainable_params:,} trainable, {num_frozen} of {len(layer_names)} layers frozen), '
-        f'global batch {config.global_batch} ({config.global_batch // jax.device_count()} per '
-        f'device), {steps.total} steps ({steps.per_epoch} per epoch)')
+        f'{workdir}: {config.model.name} on {config.data.train} ({data.num_train:,} of '
+        f'{data.train.num_examples:,} images, {config.aug.name}), {counts["num_params"]:,} params '
+        f'({counts["num_trainable_params"]:,} trainable, {num_frozen} of {len(layer_names)} '
+        f'layers frozen), global batch {config.global_batch} '
+        f'({config.global_batch // jax.device_count()} per device), {data.steps.total} steps '
+        f'({data.steps.per_epoch} per epoch)')
+    return counts
 
-    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn,
-                                        dtype=dtype),
-                      donate_argnums=0, out_shardings=(replicated, replicated))
-    eval_fn = evaluate.make_eval_fn(model, mesh, dtype)
 
-    def run_eval(epoch: int, step: int, train_loss: float | None, lr: float, wall_offset: float):
-        acc = evaluate.accuracy(eval_fn, state.params, state.batch_stats,
-                                input_pipeline.eval_batches(
-                                    eval_split, global_batch=config.eval.global_batch,
-                                    resize=config.eval.resize, crop=config.eval.crop,
-                                    process_index=process_index,
-                                    process_count=process_count, **skip), mesh)
-        record = {'epoch': epoch, 'train_loss': train_loss, 'lr': lr,
-                  'step_s': timer.take_epoch(),
-                  'wall_s': wall_offset + time.time() - t_start, **acc}
-        writer.scalars(step, record, jsonl=True)
-        skip_log.sync()
-        return record
+@dataclasses.dataclass
+class _Loop:
+    """What the training loop and its evaluations use, set up once per stage."""
+    config: ml_collections.ConfigDict
+    workdir: str
+    data: _Data
+    mesh: jax.sharding.Mesh
+    ckpt: checkpointing.Checkpointer
+    writer: metrics_io.Writer
+    skip_log: reader.SkipLog
+    step_fn: Callable
+    eval_fn: Callable
+    timer: _StepTimer
+    t_start: float
+    wall_offset: float      # wall seconds of the runs before a resume
+    last_epochs: range      # the evaluations results.json averages
 
-    previous = metrics_io.read_metrics(workdir) if is_main else []
-    wall_offset = previous[-1]['wall_s'] if previous else 0.0
+
+def _evaluate(loop: _Loop, state: TrainState, *, epoch: int, step: int,
+              train_loss: float | None, lr: float) -> dict[str, Any]:
+    """Top-1/top-5 on the whole eval split, logged to metrics.jsonl and TensorBoard."""
+    config = loop.config
+    acc = evaluate.accuracy(loop.eval_fn, state.params, state.batch_stats,
+                            input_pipeline.eval_batches(
+                                loop.data.eval, global_batch=config.eval.global_batch,
+                                resize=config.eval.resize, crop=config.eval.crop,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count(),
+                                **_skip_settings(config, loop.skip_log)), loop.mesh)
+    record = {'epoch': epoch, 'train_loss': train_loss, 'lr': lr,
+              'step_s': loop.timer.take_epoch(),
+              'wall_s': loop.wall_offset + time.time() - loop.t_start, **acc}
+    loop.writer.scalars(step, record, jsonl=True)
+    loop.skip_log.sync()
+    return record
+
+
+def _train(loop: _Loop, state: TrainState, train_iter, heartbeat: Callable[[], None]) -> None:
+    """Steps from `state` to the end: logs, evaluations and checkpoints at their epochs, a
+    checkpoint and exit 143 on SIGTERM, a clear stop on a NaN loss."""
+    config, workdir, ckpt, steps = loop.config, loop.workdir, loop.ckpt, loop.data.steps
     start_step = int(state.step)
-    timer = _StepTimer(start_step)
-    last_epochs = range(config.num_epochs - config.eval.last_epochs + 1, config.num_epochs + 1)
-
-    if num_frozen == len(layer_names):
-        # N = 18: every layer is taken over; evaluate the pre-trained model untouched.
-        run_eval(0, 0, None, 0.0, wall_offset)
-        ckpt.save(steps.total, state, train_iter)
-        last_epochs = range(0, 1)
-        start_step = steps.total
-
     bar = metrics_io.progress(steps.total, start_step, os.path.basename(workdir.rstrip('/')),
-                              enabled=is_main)
+                              enabled=jax.process_index() == 0)
     epoch_losses = []
-    with _Preemption(ckpt, process_count) as preemption, _saves_completed(ckpt):
+    with (checkpointing.Preemption(ckpt, jax.process_count()) as preemption,
+          checkpointing.saves_completed(ckpt)):
         for step in range(start_step, steps.total):
-            state, metrics = step_fn(state, sharding.to_global(next(train_iter), mesh))
+            state, metrics = loop.step_fn(state, sharding.to_global(next(train_iter), loop.mesh))
             epoch_losses.append(metrics['loss'])
             bar.update(1)
             done = step + 1
             if done % config.log_every_steps == 0 or done == steps.total:
                 loss, lr = (float(x) for x in jax.device_get((metrics['loss'], metrics['lr'])))
-                step_s = timer.lap(done)
+                step_s = loop.timer.lap(done)
                 _check_finite([loss], done, workdir)
                 bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.2e}')
-                writer.scalars(done, {'train/loss': loss, 'train/lr': lr,
-                                      **({'train/step_s': step_s} if step_s else {})})
+                loop.writer.scalars(done, {'train/loss': loss, 'train/lr': lr,
+                                           **({'train/step_s': step_s} if step_s else {})})
                 heartbeat()
                 ckpt.check_saved()      # a background save that failed stops the run now
             if preemption.reached(done):
@@ -298,44 +336,43 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, source:
                 _check_finite(losses, done - len(losses) + 1, workdir)
                 train_loss = float(np.mean(losses))
                 epoch_losses = []
-                if epoch % config.eval.every_epochs == 0 or epoch in last_epochs:
-                    record = run_eval(epoch, done, train_loss, float(metrics['lr']), wall_offset)
+                if epoch % config.eval.every_epochs == 0 or epoch in loop.last_epochs:
+                    record = _evaluate(loop, state, epoch=epoch, step=done, train_loss=train_loss,
+                                       lr=float(metrics['lr']))
                     metrics_io.say(f'epoch {epoch}/{config.num_epochs}: train loss '
                                    f'{train_loss:.4f}, top-1 {record["top1"]:.2f}%, top-5 '
                                    f'{record["top5"]:.2f}%')
                 if epoch % config.checkpoint.every_epochs == 0 or done == steps.total:
                     ckpt.save(done, state, train_iter)
-                timer.restart(done)     # evaluation and saving are not training steps
+                loop.timer.restart(done)     # evaluation and saving are not training steps
                 bar.unpause()
     bar.close()
-    ckpt.wait_until_finished()
-    ckpt.close()
 
-    results = {}
-    if is_main:
-        records = [r for r in metrics_io.read_metrics(workdir) if r['epoch'] in last_epochs]
-        results = {
-            **metrics_io.summarize(records, len(last_epochs)),
-            'num_frozen': num_frozen,
-            'frozen_bn': config.transfer.frozen_bn,
-            'reinit': config.transfer.reinit,
-            'model': config.model.name,
-            'train_data': config.data.train,
-            'eval_data': f'{config.data.eval}:{config.data.eval_split}',
-            'source': source,
-            'source_data': config.transfer.source_data,
-            'epochs': config.num_epochs,
-            'steps': steps.total,
-            'train_examples': num_train,
-            'train_fraction': config.data.train_fraction,
-            'skipped_records': reader.count_skipped(workdir),
-            'global_batch': config.global_batch,
-            'num_params': total_params,
-            'num_trainable_params': trainable_params,
-            'wall_seconds': wall_offset + time.time() - t_start,
-        }
-        metrics_io.write_json(results_path, results)
-    writer.close()
+
+def _results(loop: _Loop, source: str, param_counts: dict[str, int]) -> dict[str, Any]:
+    """results.json: the last evaluations' mean and std (docs/paper.md §6) and what ran."""
+    config, workdir = loop.config, loop.workdir
+    records = [r for r in metrics_io.read_metrics(workdir) if r['epoch'] in loop.last_epochs]
+    results = {
+        **metrics_io.summarize(records, len(loop.last_epochs)),
+        'num_frozen': config.transfer.num_frozen,
+        'frozen_bn': config.transfer.frozen_bn,
+        'reinit': config.transfer.reinit,
+        'model': config.model.name,
+        'train_data': config.data.train,
+        'eval_data': f'{config.data.eval}:{config.data.eval_split}',
+        'source': source,
+        'source_data': config.transfer.source_data,
+        'epochs': config.num_epochs,
+        'steps': loop.data.steps.total,
+        'train_examples': loop.data.num_train,
+        'train_fraction': config.data.train_fraction,
+        'skipped_records': reader.count_skipped(workdir),
+        'global_batch': config.global_batch,
+        **param_counts,
+        'wall_seconds': loop.wall_offset + time.time() - loop.t_start,
+    }
+    fileio.write_json(os.path.join(workdir, 'results.json'), results)
     return results
 
 
@@ -384,58 +421,3 @@ def _check_finite(losses, first_step: int, workdir: str) -> None:
             f'diverged. The last good checkpoint is kept in {workdir}/checkpoints; lower '
             '--config.optim.base_lr or check the data, then run the same command to resume '
             'from it.')
-
-
-@contextlib.contextmanager
-def _saves_completed(ckpt: checkpointing.Checkpointer):
-    """Completes the checkpoints being written (in the background) on the way out, also when
-    an exception (a diverged loss, Ctrl-C) ends training: the last good one must be kept."""
-    try:
-        yield
-    finally:
-        ckpt.wait_until_finished()
-
-
-class _Preemption:
-    """SIGTERM (a preemption notice): the loop saves a checkpoint and exits.
-
-    One process: a Python handler sets a flag. Several: JAX's coordination service already
-    catches SIGTERM and makes all processes agree on a step (Orbax's `reached_preemption`);
-    a Python handler would replace its own.
-    """
-
-    def __init__(self, ckpt: checkpointing.Checkpointer, process_count: int):
-        self._ckpt, self._received = ckpt, False
-        # Handlers can only be set from the main thread (not so in some notebook runners).
-        self._own_handler = (process_count == 1
-                             and threading.current_thread() is threading.main_thread())
-
-    def __enter__(self) -> '_Preemption':
-        if self._own_handler:
-            self._previous = signal.signal(signal.SIGTERM, self._set)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._own_handler:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def _set(self, signum, frame) -> None:
-        self._received = True
-
-    def reached(self, step: int) -> bool:
-        return self._received if self._own_handler else self._ckpt.reached_preemption(step)
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """One experiment: the source stage if the transfer needs one, then the configured stage."""
-    # Before the source stage trains: its config is the target's with valid stand-ins.
-    config_lib.validate(config, num_devices=jax.device_count(),
-                        num_processes=jax.process_count())
-    source = config.transfer.init_from
-    # With N = 0 and re-initialisation nothing is taken over: the source stage would be wasted.
-    takes_layers = config_lib.transferred_layers(config, range(config_lib.NUM_LAYERS))
-    if config.transfer.source_data and not source and takes_layers:
-        source = os.path.join(workdir, 'source')
-        train_and_evaluate(config_lib.source_stage(config), source)
-    return train_and_evaluate(config, workdir, source=source)
-

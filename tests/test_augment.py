@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from sdtl_jax import config_lib
 from sdtl_jax.data import augment, fractals, records, transforms
 
 SIZE = 32  # the demo's crop size keeps every test fast; R = resize_side(32) = 37
@@ -52,7 +53,7 @@ def _config(name, fractal_cache, **kw):
 
 @pytest.fixture(scope='module')
 def pipelines(fractal_cache):
-    return {name: augment.build(_config(name, fractal_cache)) for name in augment.PIPELINES}
+    return {name: augment.build(_config(name, fractal_cache)) for name in config_lib.AUGMENTATIONS}
 
 
 def _run(transform, record, seed):
@@ -60,12 +61,12 @@ def _run(transform, record, seed):
 
 
 def test_pipeline_names():
-    assert augment.PIPELINES == ('none', 'pytorch', 'autoaugment', 'augmix', 'pixmix',
+    assert config_lib.AUGMENTATIONS == ('none', 'pytorch', 'autoaugment', 'augmix', 'pixmix',
                                  'multicrop')
     assert augment.resize_side(224) == 256 and augment.resize_side(SIZE) == 37
 
 
-@pytest.mark.parametrize('name', augment.PIPELINES)
+@pytest.mark.parametrize('name', config_lib.AUGMENTATIONS)
 def test_output_contract(pipelines, record, name):
     out = _run(pipelines[name], record, seed=0)
     # Multi-crop also hands its light ops to the train step, which applies them when present.
@@ -76,7 +77,7 @@ def test_output_contract(pipelines, record, name):
     assert 10 < pixels.mean() < 245 and pixels.std() > 5  # a picture, not a blank
 
 
-@pytest.mark.parametrize('name', augment.PIPELINES)
+@pytest.mark.parametrize('name', config_lib.AUGMENTATIONS)
 def test_deterministic_under_a_seed(pipelines, record, name):
     first = _run(pipelines[name], record, seed=3)['global']
     np.testing.assert_array_equal(first, _run(pipelines[name], record, seed=3)['global'])
@@ -386,11 +387,11 @@ def test_build_rejects_unknown_names():
     for bad in ({'name': 'randaugment'}, {}):
         with pytest.raises(ValueError, match='multicrop') as e:
             augment.build(bad)
-        assert all(name in str(e.value) for name in augment.PIPELINES)
+        assert all(name in str(e.value) for name in config_lib.AUGMENTATIONS)
 
 
 def test_build_from_config_dict(fractal_cache, record):
-    for name in augment.PIPELINES:
+    for name in config_lib.AUGMENTATIONS:
         config = ml_collections.ConfigDict(_config(name, fractal_cache))
         transform = augment.build(config)
         assert isinstance(transform, grain.transforms.RandomMap)

@@ -1,5 +1,6 @@
 """Configs load, validate, and reject bad values with the key named."""
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import ml_collections
 import pytest
 
-from sdtl_jax import config_lib
+from sdtl_jax import config_check, config_lib
 
 ROOT = pathlib.Path(__file__).parent.parent
 CONFIGS = sorted(ROOT.glob('configs/*.py'))
@@ -25,7 +26,7 @@ def load(path, arg=None):
                                  'model=tinyvit_5m,data=pets,smoke'])
 def test_every_config_loads_and_validates(path, arg):
     config = load(path, arg)
-    config_lib.validate(config, num_devices=8)
+    config_check.validate(config, num_devices=8)
 
 
 def test_paper_recipe_values():
@@ -156,7 +157,7 @@ PEAK_LR = 0.1 * 64 / 256
 ])
 def test_validate_names_key_value_and_allowed(key, value, allowed):
     with pytest.raises(ValueError) as e:
-        config_lib.validate(paper_baseline(key, value), num_devices=8)
+        config_check.validate(paper_baseline(key, value), num_devices=8)
     assert str(e.value).startswith(f'config.{key}={value!r} is invalid; allowed: {allowed}')
 
 
@@ -170,12 +171,12 @@ def test_validate_accepts_boundaries_and_equivalent_types():
         'optim.end_lr': 0.0, 'optim.momentum': 0.0, 'optim.weight_decay': 0.0,
         'transfer.num_frozen': 18, 'seed': 0, 'aug.num_local': 0, 'eval.crop': 256,
     })
-    config_lib.validate(c, num_devices=64, num_processes=8)
+    config_check.validate(c, num_devices=64, num_processes=8)
 
 
 def test_model_values_are_checked_by_the_model():
     with pytest.raises(ValueError) as e:
-        config_lib.validate(paper_baseline('model.stage_sizes', (3, 4, 6, 4)), num_devices=1)
+        config_check.validate(paper_baseline('model.stage_sizes', (3, 4, 6, 4)), num_devices=1)
     assert str(e.value).startswith("config.model={'name': 'resnet50', 'stage_sizes': (3, 4, 6, 4)}"
                                    ' is invalid: stage_sizes must sum to 16')
 
@@ -197,7 +198,7 @@ def test_unknown_keys_in_a_config_file_are_rejected(key, message):
     section, _, name = key.rpartition('.')
     (c[section] if section else c)[name] = 1      # base() returns an unlocked ConfigDict
     with pytest.raises(ValueError) as e:
-        config_lib.validate(c, num_devices=1)
+        config_check.validate(c, num_devices=1)
     assert str(e.value).startswith(message)
 
 
@@ -209,9 +210,9 @@ def test_unknown_keys_in_a_config_file_are_rejected(key, message):
 ])
 def test_unknown_command_line_keys_are_named(key, message):
     c = load(ROOT / 'configs/baseline.py', 'demo')
-    config_lib.check_overrides(c, ['optim.base_lr', 'model.width'])    # known keys pass
+    config_check.check_overrides(c, ['optim.base_lr', 'model.width'])    # known keys pass
     with pytest.raises(ValueError) as e:
-        config_lib.check_overrides(c, ['optim.base_lr', key])
+        config_check.check_overrides(c, ['optim.base_lr', key])
     assert str(e.value).startswith(message)
 
 
@@ -246,3 +247,57 @@ def test_auto_dtype_is_bfloat16_on_accelerators_only():
     assert config_lib.compute_dtype('auto', 'gpu') == 'bfloat16'
     assert config_lib.compute_dtype('auto', 'tpu') == 'bfloat16'
     assert config_lib.compute_dtype('float32', 'gpu') == 'float32'
+
+
+HEAVY = ('jax', 'flax', 'cv2', 'grain', 'optax', 'orbax')
+
+
+@pytest.mark.parametrize('config', ['configs/real_to_synth.py:demo', 'configs/baseline.py:smoke',
+                                    'configs/study/layers.py:smoke'])
+def test_loading_a_config_imports_nothing_heavy(config):
+    """A config file loads in a fraction of a second: configs only need ml_collections."""
+    path, arg = config.split(':')
+    code = (f"import runpy, sys; runpy.run_path({path!r})['get_config']({arg!r}); "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == '[]', result.stdout
+
+
+def _count_validations(monkeypatch):
+    from sdtl_jax import config_check, experiment
+
+    calls = []
+    validate = config_check.validate
+    monkeypatch.setattr(config_check, 'validate',
+                        lambda config, **kw: (calls.append(config.data.train),
+                                              validate(config, **kw)))
+    stages = []
+
+    def stage(config, workdir, source=''):      # a finished stage, without training
+        stages.append((config.data.train, os.path.basename(workdir)))
+        os.makedirs(workdir, exist_ok=True)
+        pathlib.Path(workdir, 'results.json').write_text('{}')
+        return {}
+
+    monkeypatch.setattr(experiment, 'stage', stage)
+    return calls, stages
+
+
+def test_an_experiment_validates_its_config_once(monkeypatch, tmp_path):
+    from sdtl_jax import experiment
+
+    calls, stages = _count_validations(monkeypatch)
+    experiment.run(load(ROOT / 'configs/real_to_synth.py', 'smoke'), str(tmp_path / 'run'))
+    assert calls == ['digits_synth']                    # the target stage's config, before both
+    assert stages == [('digits_real', 'source'), ('digits_synth', 'run')]
+
+
+def test_a_study_validates_each_run_once(monkeypatch, tmp_path):
+    from sdtl_jax import study
+
+    calls, stages = _count_validations(monkeypatch)
+    config = load(ROOT / 'configs/study/layers.py', 'smoke')
+    config.study.report = False
+    runs = study.run(config, str(tmp_path))
+    assert len(calls) == len(runs) == len(stages) == 4

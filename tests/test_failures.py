@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_train import smoke
 
-from sdtl_jax import checkpointing, train, workdir_guard
+from sdtl_jax import checkpointing, experiment, train, workdir_guard
 
 
 @pytest.fixture(scope='module')
@@ -27,7 +27,7 @@ def test_unwritable_workdir_is_reported_before_anything_is_read(tmp_path):
     workdir = blocker / 'run'                  # a folder cannot be made inside a file
     config = smoke('baseline', 'domain=real', str(tmp_path / 'data'))
     with pytest.raises(workdir_guard.WorkdirError, match=f'{workdir} is not writable'):
-        train.train_and_evaluate(config, str(workdir))
+        experiment.stage(config, str(workdir))
     assert not (tmp_path / 'data').exists()
 
 
@@ -37,7 +37,7 @@ def test_full_disk_is_reported_before_training(data_dir, tmp_path, monkeypatch):
     with pytest.raises(workdir_guard.WorkdirError,
                        match=r'has 10.0 MB free; this run needs about 1\d\.\d MB for 3 '
                              r'checkpoints of \d\.\d\d MB'):
-        train.run(smoke('baseline', 'domain=real', data_dir), str(tmp_path))
+        experiment.run(smoke('baseline', 'domain=real', data_dir), str(tmp_path))
     assert not (tmp_path / 'metrics.jsonl').exists()
     assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() is None
     assert not (tmp_path / workdir_guard.LOCK_FILE).exists()     # released on the way out
@@ -53,7 +53,7 @@ def test_second_run_in_a_workdir_refuses_naming_the_first(tmp_path):
         with pytest.raises(workdir_guard.WorkdirError,
                            match=rf'in use by another run: pid {first.pid} on '
                                  rf'{socket.gethostname()}.*sdtl_jax.main \(first\)'):
-            train.train_and_evaluate(config, str(tmp_path))
+            experiment.stage(config, str(tmp_path))
         assert not (tmp_path / 'data').exists()
     finally:
         first.kill()
@@ -100,14 +100,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     config.log_every_steps = 100           # found at the epoch's end, before its checkpoint
     with pytest.raises(FloatingPointError, match=r'Loss is nan at step 5 of .*last good '
                                                  r'checkpoint is kept'):
-        train.run(config, str(tmp_path))
+        experiment.run(config, str(tmp_path))
     assert checkpointing.Checkpointer(str(tmp_path / 'checkpoints')).latest_step() == 3
     params, _, _ = checkpointing.load_variables(str(tmp_path))
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
 def test_workdir_of_another_model_is_refused_naming_the_keys(data_dir, tmp_path):
-    train.run(smoke('baseline', 'domain=real', data_dir), str(tmp_path))     # 3 steps
+    experiment.run(smoke('baseline', 'domain=real', data_dir), str(tmp_path))     # 3 steps
     config = smoke('baseline', 'domain=real', data_dir)
     config.model.width = 16
     config.num_epochs = 2                  # not finished: it would resume from step 3
@@ -116,7 +116,7 @@ def test_workdir_of_another_model_is_refused_naming_the_keys(data_dir, tmp_path)
     (tmp_path / 'config.json').unlink()
     with pytest.raises(ValueError, match=r'holds another model than this config builds'
                                          r'(.|\n)*params/stem/\S+: resumed shape'):
-        train.run(config, str(tmp_path))
+        experiment.run(config, str(tmp_path))
 
 
 def _take_lock(workdir, barrier, results):

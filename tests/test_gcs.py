@@ -19,7 +19,7 @@ from etils import epath
 from test_report import _results, _run, _write_study
 from test_train import smoke
 
-from sdtl_jax import checkpointing, fileio, report, train, workdir_guard
+from sdtl_jax import checkpointing, experiment, fileio, report, workdir_guard
 from sdtl_jax.data import reader
 
 BUCKET = 'sdtl-test'
@@ -156,7 +156,7 @@ def test_skip_log_is_uploaded_per_process_and_survives_a_new_machine(bucket):
 def test_run_with_a_gs_workdir(bucket, tmp_path):
     data_dir = str(tmp_path / 'data')
     workdir = f'{bucket}/runs/transfer'
-    results = train.run(smoke('real_to_synth', 'num_frozen=16', data_dir), workdir)
+    results = experiment.run(smoke('real_to_synth', 'num_frozen=16', data_dir), workdir)
     run = epath.Path(workdir)
     assert json.loads((run / 'results.json').read_text()) == results
     assert results['source'] == f'{workdir}/source'
@@ -168,7 +168,7 @@ def test_run_with_a_gs_workdir(bucket, tmp_path):
     params, _, step = checkpointing.load_variables(workdir)
     assert step == results['steps'] and 'head' in params
     # Finished runs are found in the bucket and reused: nothing trains again.
-    assert train.run(smoke('real_to_synth', 'num_frozen=16', data_dir), workdir) == results
+    assert experiment.run(smoke('real_to_synth', 'num_frozen=16', data_dir), workdir) == results
 
 
 def test_report_of_a_study_in_a_bucket(bucket, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bench import step_common
-from sdtl_jax import config_lib, train
+from sdtl_jax import config_lib, experiment
 from sdtl_jax.data import augment, input_pipeline, reader, sources, subsets, transforms
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -57,7 +57,7 @@ def stratified_run(data_dir, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(input_pipeline, 'eval_batches', recording)
-        train.run(config, str(workdir))
+        experiment.run(config, str(workdir))
     return config, workdir, calls
 
 

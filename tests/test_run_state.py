@@ -13,7 +13,7 @@ import sys
 import pytest
 from test_train import smoke
 
-from sdtl_jax import checkpointing, run_identity, study, train
+from sdtl_jax import checkpointing, experiment, run_identity, study
 from sdtl_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -33,7 +33,7 @@ def _config(data_dir, **overrides):
 @pytest.fixture(scope='module')
 def finished(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp('finished') / 'run'
-    results = train.run(_config(data_dir), str(workdir))
+    results = experiment.run(_config(data_dir), str(workdir))
     return workdir, results
 
 
@@ -64,11 +64,11 @@ def test_finished_run_is_reused_only_under_the_same_experiment(finished, data_di
     workdir = _copy(finished, tmp_path)
     before = sorted(p.name for p in workdir.iterdir())
     # A key that cannot change the results: reused.
-    assert train.run(_config(data_dir, **{'checkpoint.keep': 2}), str(workdir)) == finished[1]
+    assert experiment.run(_config(data_dir, **{'checkpoint.keep': 2}), str(workdir)) == finished[1]
     assert 'is finished; reusing its results' in capsys.readouterr().err
 
     with pytest.raises(run_identity.ChangedRunError) as error:
-        train.run(_config(data_dir, **{'transfer.frozen_bn': 'adapt', 'optim.base_lr': 0.2}),
+        experiment.run(_config(data_dir, **{'transfer.frozen_bn': 'adapt', 'optim.base_lr': 0.2}),
                   str(workdir))
     message = str(error.value)
     assert '\n' not in message
@@ -83,7 +83,7 @@ def test_move_aside_keeps_the_old_run_and_trains_the_new_one(finished, data_dir,
     old_results = (workdir / 'results.json').read_text()
     config = _config(data_dir, **{'num_epochs': 1, 'eval.last_epochs': 1,
                                   'if_config_changed': 'move_aside'})
-    results = train.run(config, str(workdir))
+    results = experiment.run(config, str(workdir))
     assert results['epochs'] == 1 and results['steps'] == 3
     [aside] = (workdir / run_identity.REPLACED_DIR).iterdir()
     assert (aside / 'results.json').read_text() == old_results
@@ -151,7 +151,7 @@ def test_damaged_checkpoints_are_moved_aside_and_the_run_resumes_exactly(
     (workdir / 'results.json').unlink()      # unfinished: the run resumes from its checkpoints
     _damage(workdir, 9, 'data')
     _damage(workdir, 6, 'state')
-    results = train.run(_config(data_dir), str(workdir))
+    results = experiment.run(_config(data_dir), str(workdir))
     err = capsys.readouterr().err
     damaged = workdir / checkpointing.DAMAGED_DIR
     for step, why in ((9, 'JSONDecodeError'), (6, 'while reading array')):
@@ -174,7 +174,7 @@ def test_no_checkpoint_that_restores_stops_with_one_line_and_moves_nothing(
     for step in (3, 6, 9):
         _damage(workdir, step, 'data')
     with pytest.raises(UserError) as error:
-        train.run(_config(data_dir), str(workdir))
+        experiment.run(_config(data_dir), str(workdir))
     assert '\n' not in str(error.value)
     assert all(f'step {s}: JSONDecodeError' in str(error.value) for s in (3, 6, 9))
     assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['3', '6', '9']

@@ -96,7 +96,8 @@ def test_bad_study_settings_are_refused_before_any_run(key, value, match):
 
 
 class FakeTraining:
-    """Stands in for train.run: records calls, writes the results file a finished run has."""
+    """Stands in for experiment.run_validated: records calls, writes the results file a
+    finished run has."""
 
     def __init__(self):
         self.calls = []

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from sdtl_jax import checkpointing, models, train
+from sdtl_jax import checkpointing, experiment, models
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -50,7 +50,7 @@ RESULT_KEYS = {'top1_mean', 'top1_std', 'top5_mean', 'top5_std', 'train_loss_mea
 ])
 def test_smoke_run(name, arg, overrides, data_dir, tmp_path):
     config = smoke(name, arg, data_dir, **overrides)
-    results = train.run(config, str(tmp_path))
+    results = experiment.run(config, str(tmp_path))
     assert results['train_examples'] == 24 and results['skipped_records'] == 0
     if 'data.train_fraction' in overrides:
         subset = json.loads((tmp_path / 'train_subset.json').read_text())
@@ -78,7 +78,7 @@ def _variables(workdir):
 @pytest.fixture(scope='module')
 def source_run(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp('source')
-    train.run(smoke('baseline', 'domain=real', data_dir), str(workdir))
+    experiment.run(smoke('baseline', 'domain=real', data_dir), str(workdir))
     return workdir
 
 
@@ -88,7 +88,7 @@ def test_transfer_keeps_frozen_layers_bit_identical(source_run, data_dir, tmp_pa
                                                     num_frozen=16):
     config = smoke('real_to_synth', f'num_frozen={num_frozen}', data_dir,
                    **{'transfer.init_from': str(source_run)})
-    results = train.run(config, str(tmp_path))
+    results = experiment.run(config, str(tmp_path))
     assert not (tmp_path / 'source').exists()        # init_from given: no source stage
     src_params, src_stats = _variables(source_run)
     params, stats = _variables(tmp_path)
@@ -107,7 +107,7 @@ def test_transfer_keeps_frozen_layers_bit_identical(source_run, data_dir, tmp_pa
 def test_reinit_false_fine_tunes_the_source_weights(reinit, source_run, data_dir, tmp_path):
     config = smoke('real_to_synth', 'num_frozen=16', data_dir,
                    **{'transfer.init_from': str(source_run), 'transfer.reinit': reinit})
-    train.run(config, str(tmp_path))
+    experiment.run(config, str(tmp_path))
     # The last block (layer 16, trainable): 3 smoke steps barely move its weights, so fine-tuned
     # it stays near the source and re-initialised it does not. (Not the head: the cosine
     # classifier's gradient scales with 1 / |w| and its small init moves fast.)
@@ -120,7 +120,7 @@ def test_reinit_false_fine_tunes_the_source_weights(reinit, source_run, data_dir
 def test_all_18_frozen_evaluates_the_source_untouched(source_run, data_dir, tmp_path):
     config = smoke('real_to_synth', 'num_frozen=18', data_dir,
                    **{'transfer.init_from': str(source_run)})
-    results = train.run(config, str(tmp_path))
+    results = experiment.run(config, str(tmp_path))
     source = json.loads((source_run / 'results.json').read_text())
     assert results['top1_mean'] == source['top1_mean']      # the same weights, the same images
     assert results['train_loss_mean'] is None and results['steps'] == 3
@@ -135,12 +135,12 @@ def test_mismatched_source_is_refused_with_the_keys(source_run, data_dir, tmp_pa
                    **{'transfer.init_from': str(source_run)})
     config.model.width = 16          # another width: every stem tensor differs in shape
     with pytest.raises(ValueError, match=r'params/stem/.*source shape'):
-        train.run(config, str(tmp_path))
+        experiment.run(config, str(tmp_path))
 
 
 def test_finished_run_is_reused(source_run, data_dir):
     before = (source_run / 'results.json').read_text()
-    results = train.run(smoke('baseline', 'domain=real', data_dir), str(source_run))
+    results = experiment.run(smoke('baseline', 'domain=real', data_dir), str(source_run))
     assert json.loads(before) == results
 
 
@@ -156,7 +156,7 @@ def test_a_run_compiles_few_programs(data_dir, tmp_path):
     jax.clear_caches()     # programs compiled by earlier tests in this process count too
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
-        train.run(smoke('baseline', 'domain=real', data_dir), str(tmp_path))
+        experiment.run(smoke('baseline', 'domain=real', data_dir), str(tmp_path))
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert 'jit(train_step)' in compiled and 'jit(init)' in compiled
@@ -167,4 +167,4 @@ def test_missing_dataset_names_the_folder(tmp_path):
     config = load_config('baseline', 'domain=real')
     config.data.data_dir = str(tmp_path)
     with pytest.raises(FileNotFoundError, match='imagenet100_real'):
-        train.run(config, str(tmp_path / 'run'))
+        experiment.run(config, str(tmp_path / 'run'))

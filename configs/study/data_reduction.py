@@ -10,13 +10,14 @@ below the smoke cap of 24 (`data.max_train_examples`, 3 batches of 8), so each f
 on fewer images than the one before; 1/1 and 1/2 would both be cut to the same 24. The subsets
 are drawn once per fraction with the run's seed (`data.stratified` draws per class).
 """
-from sdtl_jax import config_lib, study
+from sdtl_jax import config_lib
 
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, data='imagenet100', model='', demo=False, smoke=False)
     c = config_lib.base(data=arg.data, model=arg.model or None, demo=arg.demo, smoke=arg.smoke)
-    study.add_study(c, 'data_reduction', dataset='digits' if arg.demo or arg.smoke else arg.data)
+    dataset = 'digits' if arg.demo or arg.smoke else arg.data
+    config_lib.add_study(c, 'data_reduction', dataset=dataset)
     c.study.transfer_num_frozen = 16
     c.study.fractions = tuple(1 / 2 ** x for x in range(8))
     if arg.demo:

@@ -9,14 +9,14 @@ paper; `demo` runs on the embedded digits (8 values of N, about 20 minutes on 2 
 `smoke` is for tests. `--config.study.num_frozen='(4, 16)'` picks other N, and
 `--config.study.only=S,SDTL_N16` runs some runs only (the sweep launcher does this).
 """
-from sdtl_jax import config_lib, study
+from sdtl_jax import config_lib
 
 
 def get_config(arg=None):
     arg = config_lib.parse_arg(arg, data='imagenet100', model='', demo=False, smoke=False)
     c = config_lib.base(data=arg.data, model=arg.model or None, demo=arg.demo, smoke=arg.smoke)
-    study.add_study(c, 'layers', dataset='digits' if arg.demo or arg.smoke else arg.data)
-    c.study.directions = tuple(study.DIRECTIONS)
+    config_lib.add_study(c, 'layers', dataset='digits' if arg.demo or arg.smoke else arg.data)
+    c.study.directions = tuple(config_lib.DIRECTIONS)
     c.study.num_frozen = tuple(range(1, 18))       # Tables 2-5: L. 0-1 .. L. 0-17
     if arg.demo:
         # Denser where the paper's curves bend: the last layers.

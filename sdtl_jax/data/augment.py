@@ -65,9 +65,9 @@ import grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from sdtl_jax import config_lib
 from sdtl_jax.data import fractals, transforms
 
-PIPELINES = ('none', 'pytorch', 'autoaugment', 'augmix', 'pixmix', 'multicrop')
 DEFAULT_NUM_FRACTALS = 256  # 50 MB at 256 px; drawn in ~8 s once, then read from the cache
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
@@ -499,15 +499,16 @@ def _get(aug: Mapping[str, Any] | Any, key: str, default: Any) -> Any:
 
 
 def build(aug: Mapping[str, Any] | Any) -> grain.transforms.RandomMap:
-    """The pipeline `aug['name']` (one of PIPELINES), from a dict or ConfigDict.
+    """The pipeline `aug['name']` (one of config_lib.AUGMENTATIONS), from a dict or ConfigDict.
 
     Keys: `global_size` (default 224), `pixmix_dir`, `pixmix_cache_dir`, `pixmix_num_fractals`
     (pixmix), and MultiCrop's arguments (multicrop gets every key but `name` and `pixmix_*`).
     Keys a pipeline does not use are ignored.
     """
     name = _get(aug, 'name', None)
-    if name not in PIPELINES:
-        raise ValueError(f'Unknown augmentation {name!r}: choose one of {PIPELINES}')
+    if name not in config_lib.AUGMENTATIONS:
+        raise ValueError(f'Unknown augmentation {name!r}: choose one of '
+                         f'{config_lib.AUGMENTATIONS}')
     if name == 'multicrop':
         return transforms.multicrop_from_config(
             {k: aug[k] for k in aug.keys() if k != 'name' and not k.startswith('pixmix_')})
