@@ -25,7 +25,6 @@ import functools
 import math
 import os
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -36,77 +35,21 @@ import numpy as np
 from absl import app, flags, logging
 
 import sdtl_jax
-from sdtl_jax import checkpointing, cli, fileio, metrics_io, models
+from sdtl_jax import (
+    analyze_metrics,
+    analyze_outputs,
+    checkpointing,
+    cli,
+    fileio,
+    metrics_io,
+    models,
+)
+from sdtl_jax.analyze_metrics import AnalysisError
 from sdtl_jax.data import input_pipeline, normalize, sources
 
-PROBES = ('logistic', 'ridge')
 STUDY_RUNS = ('S', 'R')        # study.py's baselines: A = synthetic only, B = real only
-FILES = ('analysis.json', 'analysis.md', 'cka.png', 'probe.png')
 # Tags that make the two image subsets' seeds independent.
 _EVAL_SUBSET, _TRAIN_SUBSET = 0, 1
-_SMALL_PROBE = 100_000     # probe parameters (features x classes) fit on one BLAS thread
-
-
-class AnalysisError(ValueError):
-    """Bad input: a missing or unfinished run, or two runs that cannot be compared."""
-
-
-# --- CKA and probes (NumPy only) --------------------------------------------------------------
-
-def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Linear CKA of two feature matrices with the same rows (examples), in float64.
-
-    Kornblith et al. 2019, feature-space form: with X and Y centred per column,
-    CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F). Invariant to orthogonal transforms and
-    isotropic scaling of either side; x and y may have different widths. NaN where a side has
-    no variance (every example the same vector), where CKA is undefined.
-    """
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f'linear_cka needs [n, d] matrices with the same n; got {x.shape} '
-                         f'and {y.shape}')
-    x = x - x.mean(axis=0)
-    y = y - y.mean(axis=0)
-    denominator = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
-    if denominator == 0:
-        return math.nan
-    return float(np.linalg.norm(y.T @ x) ** 2 / denominator)
-
-
-def probe_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-               test_y: np.ndarray, *, kind: str = 'logistic',
-               max_iter: int = 200) -> tuple[float, bool]:
-    """Top-1 (%) on (test_x, test_y) of a linear classifier fit on standardised train features.
-
-    `kind`: 'logistic' (multinomial logistic regression, L2, C = 1, L-BFGS) or 'ridge' (least
-    squares on +-1 class targets, alpha = 1; closed form, much faster on wide layers).
-    Returns (top-1, converged); a logistic fit that stops at `max_iter` is not converged.
-    """
-    # Imported here: scikit-learn takes seconds to import and only the probes need it.
-    import threadpoolctl
-    from sklearn import exceptions, linear_model, preprocessing
-
-    if kind not in PROBES:
-        raise ValueError(f'Unknown probe {kind!r}; allowed: {PROBES}')
-    if len(np.unique(train_y)) < 2:
-        raise AnalysisError('The probe training images hold fewer than 2 classes; raise '
-                            '--probe_train_images')
-    scaler = preprocessing.StandardScaler().fit(np.asarray(train_x, np.float64))
-    train_x = scaler.transform(np.asarray(train_x, np.float64))
-    test_x = scaler.transform(np.asarray(test_x, np.float64))
-    converged = True
-    if kind == 'logistic':
-        # On small problems L-BFGS's per-iteration BLAS calls are tiny and threads only add
-        # synchronisation: one thread fit a 256-d, 10-class probe 4x faster on 2 cores.
-        small = train_x.shape[1] * len(np.unique(train_y)) < _SMALL_PROBE
-        with warnings.catch_warnings(), threadpoolctl.threadpool_limits(1 if small else None):
-            warnings.simplefilter('ignore', exceptions.ConvergenceWarning)
-            classifier = linear_model.LogisticRegression(max_iter=max_iter).fit(train_x, train_y)
-        converged = bool(np.all(classifier.n_iter_ < max_iter))
-    else:
-        classifier = linear_model.RidgeClassifier(alpha=1.0).fit(train_x, train_y)
-    return 100.0 * float(np.mean(classifier.predict(test_x) == test_y)), converged
 
 
 # --- Runs -------------------------------------------------------------------------------------
@@ -243,7 +186,8 @@ def extract(runs: Sequence[Run], split: sources.DatasetSplit, indices: np.ndarra
 def analyze(a: str, b: str, out: str, *, data_dir: str | None = None, max_images: int = 2000,
             probe_train_images: int = 5000, probe: str = 'logistic',
             global_batch: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Compares runs `a` and `b` layer by layer; writes FILES into `out`; returns analysis.json.
+    """Compares runs `a` and `b` layer by layer; writes analyze_outputs.FILES into `out`;
+    returns analysis.json.
 
     Args:
       a, b: finished run workdirs of the same architecture (layer names).
@@ -252,12 +196,12 @@ def analyze(a: str, b: str, out: str, *, data_dir: str | None = None, max_images
       max_images: images of A's evaluation split fed to both models (a seeded random subset).
       probe_train_images: images of the real training split the probes are fit on; 0 skips
         the probes.
-      probe: one of PROBES.
+      probe: one of analyze_metrics.PROBES.
       global_batch: images per forward pass (default: A's eval.global_batch).
       seed: draws the two image subsets.
     """
-    if probe not in PROBES:
-        raise AnalysisError(f'--probe={probe!r}; allowed: {", ".join(PROBES)}')
+    if probe not in analyze_metrics.PROBES:
+        raise AnalysisError(f'--probe={probe!r}; allowed: {", ".join(analyze_metrics.PROBES)}')
     if max_images < 2 or probe_train_images < 0:
         raise AnalysisError(f'--max_images={max_images} must be >= 2 (CKA needs several '
                             f'images) and --probe_train_images={probe_train_images} >= 0')
@@ -283,7 +227,7 @@ def analyze(a: str, b: str, out: str, *, data_dir: str | None = None, max_images
     features, labels = extract(runs, eval_split, eval_indices, desc='eval images', **read)
     layers = [{'index': i, 'name': name, 'dim_a': int(features[0][i].shape[1]),
                'dim_b': int(features[1][i].shape[1]),
-               'cka': _finite(linear_cka(features[0][i], features[1][i]))}
+               'cka': _finite(analyze_metrics.linear_cka(features[0][i], features[1][i]))}
               for i, name in enumerate(names)]
 
     probe_info = None
@@ -300,8 +244,8 @@ def analyze(a: str, b: str, out: str, *, data_dir: str | None = None, max_images
                                   dynamic_ncols=True, mininterval=2.0)
         for i, name in enumerate(names):
             for r, (run, key) in enumerate(zip(runs, ('probe_top1_a', 'probe_top1_b'))):
-                top1, converged = probe_top1(train_features[r][i], train_labels,
-                                             features[r][i], labels, kind=probe)
+                top1, converged = analyze_metrics.probe_top1(
+                    train_features[r][i], train_labels, features[r][i], labels, kind=probe)
                 layers[i][key] = top1
                 if not converged:
                     unconverged.append(f'{run.label}:{name}')
@@ -325,121 +269,12 @@ def analyze(a: str, b: str, out: str, *, data_dir: str | None = None, max_images
         'resize': config.eval.resize, 'crop': config.eval.crop, 'seed': seed,
         'probe': probe_info, 'layers': layers,
     }
-    write_outputs(result, out)
+    analyze_outputs.write_outputs(result, out)
     return result
 
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None     # JSON has no NaN
-
-
-# --- Outputs ----------------------------------------------------------------------------------
-
-def _fmt(value: float | None, digits: int) -> str:
-    return '-' if value is None else f'{value:.{digits}f}'
-
-
-def table(result: dict[str, Any]) -> str:
-    """The per-layer Markdown table (also what the CLI prints)."""
-    a, b = result['a']['label'], result['b']['label']
-    lines = [f'| # | layer | dim {a} / {b} | CKA({a}, {b}) | probe {a} top-1 (%) | '
-             f'probe {b} top-1 (%) |', '|---:|---|---:|---:|---:|---:|']
-    for layer in result['layers']:
-        lines.append(f"| {layer['index']} | {layer['name']} | {layer['dim_a']} / "
-                     f"{layer['dim_b']} | {_fmt(layer['cka'], 3)} | "
-                     f"{_fmt(layer['probe_top1_a'], 1)} | {_fmt(layer['probe_top1_b'], 1)} |")
-    return '\n'.join(lines)
-
-
-def markdown(result: dict[str, Any]) -> str:
-    a, b, probe = result['a'], result['b'], result['probe']
-
-    def run_line(key, run):
-        top1 = '' if run['top1_mean'] is None else f", its own top-1 {run['top1_mean']:.2f}%"
-        return (f"- {key} = `{run['label']}`: {run['workdir']} ({run['model']} trained on "
-                f"{run['train_data']}{top1})")
-
-    lines = [f"# Layer by layer: {a['label']} against {b['label']}", '',
-             run_line('A', a), run_line('B', b),
-             f"- Images: {result['num_images']:,} of {result['eval_data']} (resize "
-             f"{result['resize']}, centre crop {result['crop']}), the same for both models; "
-             'each layer output averaged over its spatial axes.']
-    if probe:
-        lines.append(f"- Probes: {probe['kind']} on standardised features, fit on "
-                     f"{probe['num_train_images']:,} images of {probe['train_data']}, top-1 "
-                     f"on the images above (chance {100 / result['num_classes']:.1f}%).")
-        if probe['unconverged']:
-            lines.append(f"- Not converged (stopped at the iteration limit): "
-                         f"{', '.join(probe['unconverged'])}.")
-    else:
-        lines.append('- Probes: skipped (--probe_train_images=0).')
-    lines += ['', table(result), '']
-    scored = [layer for layer in result['layers'] if layer['cka'] is not None]
-    if scored:
-        low = min(scored, key=lambda layer: layer['cka'])
-        lines += [f"Lowest CKA: layer {low['index']} `{low['name']}` ({low['cka']:.3f}).", '']
-    lines += ['![CKA per layer](cka.png)', '', '![Probe top-1 per layer](probe.png)', '']
-    return '\n'.join(lines)
-
-
-# Line style and marker of series A, then B: they tell the runs apart where both trained on one
-# domain, and so have one colour.
-_SERIES_STYLES = (('-', 'o'), ('--', 's'))
-
-
-# Drawn on matplotlib.figure.Figure (Agg on savefig), as report.py: no global backend switch.
-def _plot(result: dict[str, Any], path: str, series: Sequence[tuple[str, str, str]],
-          ylabel: str, title: str, hline: tuple[float, str] | None = None,
-          ylim: tuple[float, float] | None = None) -> None:
-    from matplotlib import figure
-
-    names = [layer['name'] for layer in result['layers']]
-    fig = figure.Figure(figsize=(max(8, 0.5 * len(names)), 5), layout='constrained')
-    ax = fig.subplots()
-    for (key, label, color), (style, marker) in zip(series, _SERIES_STYLES):
-        values = [np.nan if layer[key] is None else layer[key] for layer in result['layers']]
-        ax.plot(range(len(names)), values, ls=style, marker=marker, color=color, label=label)
-    if hline:
-        ax.axhline(hline[0], color='gray', ls='--', lw=1, label=hline[1])
-    ax.set_xticks(range(len(names)), [f'{i} {name}' for i, name in enumerate(names)],
-                  rotation=60, ha='right', fontsize='small')
-    ax.set_xlabel('layer (index and name, in forward order)')
-    ax.set_ylabel(ylabel)
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize='small')
-    fileio.save_figure(fig, path, dpi=120)
-
-
-def _domain_color(run: dict[str, Any]) -> str:
-    """The colour of the run's training domain (S or R), the same as in the study report."""
-    from sdtl_jax import report  # imports matplotlib, which only the plots need
-
-    return report.DOMAIN_COLORS[sources.get(run['train_data']).domain]
-
-
-def write_outputs(result: dict[str, Any], out: str) -> None:
-    """analysis.json, analysis.md, cka.png, probe.png into `out`."""
-    fileio.makedirs(out)
-    metrics_io.write_json(os.path.join(out, 'analysis.json'), result)
-    fileio.write_text(os.path.join(out, 'analysis.md'), markdown(result))
-    a, b = result['a']['label'], result['b']['label']
-    where = f"{result['a']['model']}, {result['num_images']:,} images of {result['eval_data']}"
-    # Black: CKA belongs to neither domain.
-    _plot(result, os.path.join(out, 'cka.png'), [('cka', f'CKA({a}, {b})', 'black')],
-          'linear CKA (unitless, 0 to 1)',
-          f'Linear CKA of {a} and {b} per layer (1 = same features up to rotation and '
-          f'scale)\n{where}', ylim=(0, 1.05))
-    probe = result['probe']
-    kind = probe['kind'] if probe else 'no'
-    _plot(result, os.path.join(out, 'probe.png'),
-          [('probe_top1_a', f'{a} ({result["a"]["train_data"]})', _domain_color(result['a'])),
-           ('probe_top1_b', f'{b} ({result["b"]["train_data"]})', _domain_color(result['b']))],
-          'linear-probe top-1 on the real images (%)',
-          f'{kind.capitalize()} probe per layer: {where}',
-          hline=(100 / result['num_classes'], 'chance'), ylim=(0, 100))
 
 
 # --- CLI --------------------------------------------------------------------------------------
@@ -457,8 +292,8 @@ def define_flags() -> None:
                          'random subset when the split is larger).')
     flags.DEFINE_integer('probe_train_images', 5000, 'Real training images the linear probes '
                          'are fit on (a seeded random subset); 0 skips the probes.')
-    flags.DEFINE_enum('probe', 'logistic', PROBES, 'Linear probe: logistic regression, or '
-                      'ridge (closed form, faster on wide layers).')
+    flags.DEFINE_enum('probe', 'logistic', analyze_metrics.PROBES, 'Linear probe: logistic '
+                      'regression, or ridge (closed form, faster on wide layers).')
     flags.DEFINE_integer('global_batch', None, "Images per forward pass (default: A's "
                          'eval.global_batch).')
     flags.DEFINE_integer('seed', 0, 'Seed of the image subsets.')
@@ -480,8 +315,8 @@ def main(argv):
     except (AnalysisError, FileNotFoundError) as e:   # FileNotFoundError: data not there
         print(f'analyze: error: {e}', file=sys.stderr)
         sys.exit(2)
-    print(table(result))
-    print(f'Wrote {", ".join(FILES)} to {out}')
+    print(analyze_outputs.table(result))
+    print(f'Wrote {", ".join(analyze_outputs.FILES)} to {out}')
 
 
 if __name__ == '__main__':

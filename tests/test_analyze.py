@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from sdtl_jax import analyze, train
+from sdtl_jax import analyze, analyze_metrics, experiment
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -22,42 +22,44 @@ def _features(n=500, d=20, seed=0):
 
 def test_cka_of_a_matrix_with_itself_is_one():
     x = _features()
-    assert analyze.linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert analyze_metrics.linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_cka_is_invariant_to_orthogonal_transforms_and_isotropic_scaling():
     x = _features()
     y = np.tanh(x @ _features(20, 30, seed=1))          # a nonlinear function of x, 30-d
     q, _ = np.linalg.qr(np.random.default_rng(2).normal(size=(30, 30)))
-    reference = analyze.linear_cka(x, y)
+    reference = analyze_metrics.linear_cka(x, y)
     assert 0.05 < reference < 0.95
-    assert analyze.linear_cka(x, y @ q) == pytest.approx(reference, rel=1e-10)
-    assert analyze.linear_cka(x * 7.5, y * 1e-3) == pytest.approx(reference, rel=1e-10)
+    assert analyze_metrics.linear_cka(x, y @ q) == pytest.approx(reference, rel=1e-10)
+    assert analyze_metrics.linear_cka(x * 7.5, y * 1e-3) == pytest.approx(reference, rel=1e-10)
     # Centred: a constant offset changes nothing either.
-    assert analyze.linear_cka(x + 3.0, y - 2.0) == pytest.approx(reference, rel=1e-10)
+    assert analyze_metrics.linear_cka(x + 3.0, y - 2.0) == pytest.approx(reference, rel=1e-10)
 
 
 def test_cka_is_symmetric_and_near_zero_for_independent_features():
     x, y = _features(5000, 10, seed=3), _features(5000, 12, seed=4)
-    assert analyze.linear_cka(x, y) == pytest.approx(analyze.linear_cka(y, x), rel=1e-12)
+    assert analyze_metrics.linear_cka(x, y) == pytest.approx(analyze_metrics.linear_cka(y, x),
+                                                             rel=1e-12)
     # Expected value for independent Gaussians ~ d_x d_y / (n sqrt(d_x d_y)) ~ 0.002.
-    assert analyze.linear_cka(x, y) < 0.01
+    assert analyze_metrics.linear_cka(x, y) < 0.01
 
 
 def test_cka_is_undefined_without_variance_and_checks_shapes():
     x = _features()
-    assert np.isnan(analyze.linear_cka(x, np.ones((500, 3))))
+    assert np.isnan(analyze_metrics.linear_cka(x, np.ones((500, 3))))
     with pytest.raises(ValueError, match='same n'):
-        analyze.linear_cka(x, x[:10])
+        analyze_metrics.linear_cka(x, x[:10])
 
 
-@pytest.mark.parametrize('kind', analyze.PROBES)
+@pytest.mark.parametrize('kind', analyze_metrics.PROBES)
 def test_probe_separates_separable_classes(kind):
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 8)) * 5
     labels = rng.integers(0, 3, size=300)
     x = centres[labels] + rng.normal(size=(300, 8))
-    top1, converged = analyze.probe_top1(x[:200], labels[:200], x[200:], labels[200:], kind=kind)
+    top1, converged = analyze_metrics.probe_top1(x[:200], labels[:200], x[200:], labels[200:],
+                                                 kind=kind)
     assert top1 > 95 and converged
 
 
@@ -88,7 +90,7 @@ def study(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp('data'))
     for name, domain in (('S', 'synth'), ('R', 'real')):
         # The plainest pipeline: the smallest training step to compile.
-        train.run(smoke('baseline', f'domain={domain}', data_dir, **{'aug.name': 'none'}),
+        experiment.run(smoke('baseline', f'domain={domain}', data_dir, **{'aug.name': 'none'}),
                   str(root / name))
     return root, data_dir
 

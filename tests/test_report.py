@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 from matplotlib import colors
 
-from sdtl_jax import analyze, fileio, metrics_io, report
+from sdtl_jax import analyze_outputs, fileio, report, report_figures, report_tables
 from sdtl_jax.data import sources
 
 
@@ -39,15 +39,15 @@ def _results(top1, top5, train_loss=0.7, std=0.1, images=1200):
 def _write_study(workdir, study, dataset, model, runs, results):
     """study.json with `runs`; results.json for the runs named in `results` (others pending)."""
     os.makedirs(workdir, exist_ok=True)
-    metrics_io.write_json(os.path.join(workdir, 'study.json'),
-                          {'study': study, 'dataset': dataset, 'model': model, 'runs': runs})
+    fileio.write_json(os.path.join(workdir, 'study.json'),
+                      {'study': study, 'dataset': dataset, 'model': model, 'runs': runs})
     for run in runs:
         if run['name'] in results:
             os.makedirs(os.path.join(workdir, run['name']))
-            metrics_io.write_json(os.path.join(workdir, run['name'], 'results.json'),
-                                  {'num_frozen': run['num_frozen'],
-                                   'train_fraction': run['train_fraction'],
-                                   **results[run['name']]})
+            fileio.write_json(os.path.join(workdir, run['name'], 'results.json'),
+                              {'num_frozen': run['num_frozen'],
+                               'train_fraction': run['train_fraction'],
+                               **results[run['name']]})
 
 
 def _lines(path):
@@ -92,7 +92,7 @@ def _assert_png(path, min_pixels=(400, 300)):
 
 def test_fit_log2_on_table_6a_gives_figure_3():
     rows = sources.load_reference('paper_tables.json')['table6a_data_reduction_sdtl_16_frozen']
-    a, b = report.fit_log2([r['divisor'] for r in rows], [r['top1'][0] for r in rows])
+    a, b = report_tables.fit_log2([r['divisor'] for r in rows], [r['top1'][0] for r in rows])
     # The exact least-squares fit is -2.225 and 85.600; Figure 3 prints -2.23 and 85.61.
     assert round(a, 2) == -2.23 and a == pytest.approx(-2.225, abs=1e-9)
     assert b == pytest.approx(85.60, abs=1e-9) and b == pytest.approx(85.61, abs=0.011)
@@ -249,11 +249,11 @@ def test_layers_figure_marks_pending_runs_and_ticks_each_n(tmp_path, drawn):
     assert set(pending) == {'RDTL, pending', 'R only, pending'}
     assert list(pending['RDTL, pending'].get_xdata()) == [16]
     assert _same_color(pending['RDTL, pending'].get_markeredgecolor(),
-                       report.DIRECTION_COLORS['real_to_synth'])
+                       report_figures.DIRECTION_COLORS['real_to_synth'])
     # A pending baseline has no x: in the legend only, in R's colour.
     assert len(pending['R only, pending'].get_xdata()) == 0
     assert _same_color(pending['R only, pending'].get_markeredgecolor(),
-                       report.DOMAIN_COLORS['real'])
+                       report_figures.DOMAIN_COLORS['real'])
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
     assert 'RDTL, pending' in legend and 'R only, pending' in legend
 
@@ -267,11 +267,11 @@ def test_augmentations_figure_marks_pending_runs(tmp_path, drawn):
     ax, = drawn['figure_augmentations.png'].axes
     pending, = [line for line in ax.get_lines() if _is_pending_marker(line, ax)]
     assert pending.get_label() == 'S only, pending'
-    assert _same_color(pending.get_markeredgecolor(), report.DOMAIN_COLORS['synth'])
+    assert _same_color(pending.get_markeredgecolor(), report_figures.DOMAIN_COLORS['synth'])
 
 
 def _analysis_result(train_a, train_b):
-    """analysis.json's fields as analyze.write_outputs reads them, two layers."""
+    """analysis.json's fields as analyze_outputs.write_outputs reads them, two layers."""
     def run(label, train_data):
         return {'label': label, 'workdir': f'/runs/{label}', 'model': 'resnet50',
                 'train_data': train_data, 'top1_mean': 50.0}
@@ -291,19 +291,20 @@ def test_s_and_r_keep_their_colours_in_the_report_and_the_analysis(tmp_path, dra
                  {'S': _results(40.0, 80.0), 'R': _results(80.0, 95.0)})
     report.write_report(workdir)
     figure2, = drawn['figure2_layers.png'].axes
-    analyze.write_outputs(_analysis_result('digits_synth', 'digits_real'), str(tmp_path / 'an'))
+    analyze_outputs.write_outputs(_analysis_result('digits_synth', 'digits_real'),
+                                  str(tmp_path / 'an'))
     probe, = drawn['probe.png'].axes
     for domain, label in (('synth', 'S'), ('real', 'R')):
-        color = report.DOMAIN_COLORS[domain]
+        color = report_figures.DOMAIN_COLORS[domain]
         assert _same_color(_line(figure2, f'{label} only').get_color(), color)
         assert _same_color(_line(probe, f'{label} (digits_{domain})').get_color(), color)
     # CKA compares the two: it takes neither domain's colour.
     cka, = drawn['cka.png'].axes[0].get_lines()[:1]
-    assert not any(_same_color(cka.get_color(), c) for c in report.DOMAIN_COLORS.values())
+    assert not any(_same_color(cka.get_color(), c) for c in report_figures.DOMAIN_COLORS.values())
 
 
 def test_analysis_tells_apart_two_runs_of_one_domain(tmp_path, drawn):
-    analyze.write_outputs(_analysis_result('digits_real', 'digits_real'), str(tmp_path))
+    analyze_outputs.write_outputs(_analysis_result('digits_real', 'digits_real'), str(tmp_path))
     a, b = drawn['probe.png'].axes[0].get_lines()[:2]
     assert _same_color(a.get_color(), b.get_color())
     assert (a.get_linestyle(), a.get_marker()) != (b.get_linestyle(), b.get_marker())
