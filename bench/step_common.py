@@ -30,7 +30,7 @@ PAPER_DATA = {'resnet50': 'imagenet100', 'tinyvit_5m': 'pets'}
 MODELS = tuple(PAPER_DATA)
 INSTALL_REFERENCE = "pip install -e '.[reference]' (torchvision 0.28.0 and timm, beside torch)"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_RESULT = 'STEP_RESULT '   # marks the child's result line among anything else it prints
+RESULT_MARK = 'STEP_RESULT '   # marks the child's result line among anything else it prints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,34 +156,12 @@ def measure_isolated(framework: str, spec: StepSpec, timeout: float = 900) -> di
     """
     spec_json = json.dumps(dataclasses.asdict(spec))
     try:
-        child = subprocess.run([sys.executable, '-m', 'bench.step_common', framework, spec_json],
+        child = subprocess.run([sys.executable, '-m', 'bench.measure_step', framework, spec_json],
                                cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {'error': f'timed out after {timeout:.0f} s'}
     for line in reversed(child.stdout.splitlines()):
-        if line.startswith(_RESULT):
-            return json.loads(line[len(_RESULT):])
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
     tail = [line for line in child.stderr.strip().splitlines() if line.strip()][-3:]
     return {'error': ' / '.join(tail) or f'exit status {child.returncode}'}
-
-
-def _child(framework: str, spec_json: str) -> None:
-    spec = StepSpec(**json.loads(spec_json))
-    if framework == 'jax':
-        from bench import train_step_speed
-        result = train_step_speed.measure(spec)
-    else:
-        try:
-            from bench import torch_step
-            result = torch_step.measure(spec)
-        except ImportError as e:   # torch_reference's message names the install command
-            why = str(e)
-            result = {'missing': why if 'pip install' in why else f'{why}; {INSTALL_REFERENCE}'}
-    print(_RESULT + json.dumps(result), flush=True)
-
-
-if __name__ == '__main__':
-    # Run the package's module, not this second copy of it named __main__.
-    from bench import step_common
-
-    step_common._child(*sys.argv[1:])
