@@ -1,4 +1,5 @@
-r"""Generator speed: images/s of `python -m sdtl_jax.generate` against the naive diffusers loop.
+r"""Generator speed: images/s of `python -m sdtl_jax.datasets.generate` against the naive
+diffusers loop.
 
   python -m bench.generator_speed --model=CompVis/stable-diffusion-v1-4 --append   # on a GPU
   python -m bench.generator_speed --random_sd14 --append        # on a GPU, without the weights
@@ -8,13 +9,15 @@ Both sides generate SD 1.4 images at 512 x 384 with 50 steps and guidance 2.0 (d
 §8) from the same prompts and seeds, on the same device:
 - naive: one prompt per pipeline call, diffusers' defaults (the paper took 73 GPU-hours for
   130,000 images, ~0.49 images/s), each image saved as a PNG file;
-- ours: the generator of sdtl_jax.generate (batches, fp16, SDPA attention, channels_last,
-  optional torch.compile, encoding and shard writing overlapped with the GPU), into shards.
+- ours: the generator of sdtl_jax.datasets.generate (batches, fp16, SDPA attention,
+  channels_last, optional torch.compile, encoding and shard writing overlapped with the GPU),
+  into shards.
 Each side runs one warm-up batch first (compilation, cuDNN autotuning), not timed.
-`--random_sd14` times SD 1.4's full architecture with random weights (sdtl_jax.generate.random_sd,
-drawn on --device and saved in float16 to a temporary folder first): the same cost per image as
-the real weights, where they cannot be downloaded. `--tiny` uses a tiny random pipeline
-(sdtl_jax.generate.tiny): it checks the code paths, and its figures say nothing about a real model.
+`--random_sd14` times SD 1.4's full architecture with random weights
+(sdtl_jax.datasets.generate.random_sd, drawn on --device and saved in float16 to a temporary
+folder first): the same cost per image as the real weights, where they cannot be downloaded.
+`--tiny` uses a tiny random pipeline (sdtl_jax.datasets.generate.tiny): it checks the code
+paths, and its figures say nothing about a real model.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from absl import app, flags
 
 from bench import results
 from sdtl_jax import cli
-from sdtl_jax.data import generator as generator_lib
 from sdtl_jax.data import sources
-from sdtl_jax.generate import diffusion, prompts
+from sdtl_jax.datasets.generate import diffusion, prompts
+from sdtl_jax.datasets.generate import generator as generator_lib
 
 
 def _requests(num: int, seed: int = 0) -> list[generator_lib.GenerationRequest]:
@@ -120,10 +123,10 @@ def run(args: flags.FlagValues) -> list[str]:
     """Times both sides; prints the lines, returns them and (--append) records them."""
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
-            from sdtl_jax.generate import tiny
+            from sdtl_jax.datasets.generate import tiny
             args.model = tiny.write_tiny_sd(os.path.join(tmp, 'tiny_sd'))
         elif args.random_sd14:
-            from sdtl_jax.generate import random_sd
+            from sdtl_jax.datasets.generate import random_sd
             args.model = random_sd.write_sd14(os.path.join(tmp, 'random_sd14'),
                                               device=diffusion.resolve_device(args.device))
         requests = _requests(max(args.images, args.naive_images, args.batch_size))
@@ -139,7 +142,7 @@ def run(args: flags.FlagValues) -> list[str]:
              f'diffusers {versions["diffusers"]}',
              f'  naive loop (1 prompt per call, PNG files): {naive_rate:7.3f} images/s '
              f'({args.naive_images} images)',
-             f'  sdtl_jax.generate (batch {args.batch_size}, SDPA, channels_last'
+             f'  sdtl_jax.datasets.generate (batch {args.batch_size}, SDPA, channels_last'
              f'{", compile " + args.compile if args.compile else ""}, JPEG shards): '
              f'{our_rate:7.3f} images/s ({args.images} images), {our_rate / naive_rate:.2f}x']
     print('\n'.join(lines))

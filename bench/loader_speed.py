@@ -13,7 +13,7 @@ The images are real photos (the two that scikit-learn ships), cut and resized at
 reads a dataset directory of your own instead. One sample is one image with all its crops.
 Prints the median over repeats of samples/s, per core and in all; `--append` adds them to
 bench/RESULTS.md. `--large_jpeg` also times one 10,000 x 10,000 JPEG (goal: under 1 s a visit;
-the loader decodes it at reduced scale, `transforms.reduction_factor`).
+the loader decodes it at reduced scale, `records.reduction_factor`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from PIL import Image
 
 from bench import results
 from sdtl_jax import cli, config_lib
-from sdtl_jax.data import input_pipeline, records, sources
+from sdtl_jax.data import input_pipeline, layout, records, sources
+from sdtl_jax.data.augment import eval_view
+from sdtl_jax.datasets import shards
 
 
 def make_jpeg_dataset(out: str, num_images: int, seed: int = 0) -> sources.DatasetSplit:
@@ -40,7 +42,7 @@ def make_jpeg_dataset(out: str, num_images: int, seed: int = 0) -> sources.Datas
 
     photos = [Image.fromarray(p) for p in load_sample_images().images]
     rng = np.random.default_rng(seed)
-    with records.ShardWriter(out, 'train', num_classes=10) as writer:
+    with shards.ShardWriter(out, 'train', num_classes=10) as writer:
         for i in range(num_images):
             photo = photos[i % len(photos)]
             w, h = int(rng.integers(380, 431)), int(rng.integers(330, 371))
@@ -53,7 +55,7 @@ def make_jpeg_dataset(out: str, num_images: int, seed: int = 0) -> sources.Datas
             image.save(buf, format='JPEG', quality=90)
             writer.write(buf.getvalue(), i % 10, f'photo{i:05d}')
         info = writer.close()
-    records.write_meta(out, 'bench_jpegs', 'real', [str(c) for c in range(10)], {'train': info})
+    layout.write_meta(out, 'bench_jpegs', 'real', [str(c) for c in range(10)], {'train': info})
     return sources.split_from_dir(out, 'train')
 
 
@@ -82,7 +84,7 @@ def device_ops_line(split: sources.DatasetSplit, aug, batch: int) -> str:
     """Median time of the light ops of one batch (all crops) on the default JAX device."""
     import jax
 
-    from sdtl_jax.data import photometric
+    from sdtl_jax.data.augment import photometric
 
     first = next(iter(input_pipeline.train_dataset(split, global_batch=batch, seed=0, aug=aug)))
     fn = jax.jit(lambda b: [photometric.apply(
@@ -105,7 +107,7 @@ def large_jpeg_line(side: int = 10_000, visits: int = 3) -> str:
     (smooth colours, quality 90), in this process."""
     import cv2
 
-    from sdtl_jax.data import augment, transforms
+    from sdtl_jax.data.augment import pipelines
 
     small = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
     image = cv2.resize(small, (side, side), interpolation=cv2.INTER_CUBIC)
@@ -113,8 +115,8 @@ def large_jpeg_line(side: int = 10_000, visits: int = 3) -> str:
     del image
     record = records.encode_record(encoded.tobytes(), 0, 'large')
     # The recipe's crops (config_lib's aug section, as training builds them), at full size.
-    multicrop = augment.build(config_lib.base(data='imagenet100').aug)
-    evaluation = transforms.EvalTransform()
+    multicrop = pipelines.build(config_lib.base(data='imagenet100').aug)
+    evaluation = eval_view.EvalTransform()
 
     def seconds(fn) -> float:
         times = []

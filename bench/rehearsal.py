@@ -7,7 +7,7 @@ Stages, each a fresh process measured from outside (wall time, peak RSS of its p
 1. raw data shaped like the published downloads (`bench/rehearsal_data.py`): ImageNet-1k's
    tree with the 100 ImageNet-100 classes, a devkit-style flat val and the devkit tar; Pets'
    images.tar.gz and annotations.tar.gz;
-2. both imported with the real importers (`sdtl_jax.data.import_imagenet100`, `import_pets`);
+2. both imported with the real importers (`sdtl_jax.datasets.imagenet100` and `.pets`);
 3. per model (ResNet-50 on ImageNet-100, TinyViT-5M on Pets): the paper's baseline config at
    full size (1 x 224 + 8 x 96 crops, the real loader, evaluation at 224) with a reduced global
    batch and a few steps, SIGKILLed once its first checkpoint is written, resumed by the same
@@ -15,7 +15,7 @@ Stages, each a fresh process measured from outside (wall time, peak RSS of its p
    (`transfer.init_from`; a baseline trained on real images stands in for the synthetic
    source: the transfer's mechanics are the same);
 4. the generator on SD 1.4's full architecture with random weights
-   (`sdtl_jax.generate.random_sd`), 2 images at 512 x 384 with a few steps, into shards.
+   (`sdtl_jax.datasets.generate.random_sd`), 2 images at 512 x 384 with a few steps, into shards.
 
 Reported per stage: wall time, peak RSS, and what the stage is about: import images/s;
 training step time (median after the first step, from metrics.jsonl), the compile time of each
@@ -244,12 +244,11 @@ def run(args: flags.FlagValues, root: str) -> list[str]:
         test_per_class=size['pets_test'], scale=size['scale'])
     made = time.perf_counter() - made
     for name, module, source, extra in (
-            ('import imagenet100', 'import_imagenet100', imagenet,
-             [f'--devkit={imagenet["devkit"]}']),
-            ('import pets', 'import_pets', pets, [])):
-        dataset = f'{module[len("import_"):]}_real'
+            ('import imagenet100', 'imagenet100', imagenet, [f'--devkit={imagenet["devkit"]}']),
+            ('import pets', 'pets', pets, [])):
+        dataset = f'{module}_real'
         out = os.path.join(data_dir, dataset)
-        s = stage(name, ['-m', f'sdtl_jax.data.{module}', f'--src={source["src"]}', *extra,
+        s = stage(name, ['-m', f'sdtl_jax.datasets.{module}', f'--src={source["src"]}', *extra,
                          f'--out={out}']).run().check()
         with open(os.path.join(out, 'meta.json')) as f:
             imported = sum(split['num_examples'] for split in json.load(f)['splits'].values())
@@ -299,13 +298,13 @@ def run(args: flags.FlagValues, root: str) -> list[str]:
     # 4. The generator on SD 1.4's architecture (random weights), 2 images.
     if args.generator:
         pipeline = os.path.join(root, 'sd14_random')
-        builder = (['-m', 'sdtl_jax.generate.tiny', f'--out={pipeline}'] if args.tiny else
-                   ['-m', 'sdtl_jax.generate.random_sd', f'--out={pipeline}'])
+        builder = (['-m', 'sdtl_jax.datasets.generate.tiny', f'--out={pipeline}'] if args.tiny else
+                   ['-m', 'sdtl_jax.datasets.generate.random_sd', f'--out={pipeline}'])
         built = stage('tiny random SD' if args.tiny else 'SD 1.4 random weights',
                       builder).run().check()
         built.figures['on disk'] = f'{_du(pipeline) / GIB:.2f} GiB'
         gen = stage('generate 2 images', [
-            '-m', 'sdtl_jax.generate',
+            '-m', 'sdtl_jax.datasets.generate',
             f'--config={os.path.join(REPO, "configs", "generate", "imagenet100_sd14.py")}',
             f'--outdir={os.path.join(data_dir, "imagenet100_synth")}',
             f'--config.model={pipeline}', '--config.local_files_only=True',

@@ -23,7 +23,8 @@ from typing import Any, Callable
 import numpy as np
 
 from sdtl_jax import config_lib
-from sdtl_jax.data import augment, photometric, sources, transforms
+from sdtl_jax.data import sources
+from sdtl_jax.data.augment import multicrop, photometric, pipelines
 
 # The paper pairs each model with one dataset (docs/paper.md §4): its global batch and classes.
 PAPER_DATA = {'resnet50': 'imagenet100', 'tinyvit_5m': 'pets'}
@@ -88,14 +89,14 @@ def recipe(spec: StepSpec):
     return config
 
 
-def recipe_multicrop(spec: StepSpec) -> transforms.MultiCrop:
+def recipe_multicrop(spec: StepSpec) -> multicrop.MultiCrop:
     """The training augmentation of the step: config_lib's aug section, built as training builds
     it (not MultiCrop's defaults, which training never reads), at the spec's crop counts and
     sizes."""
     aug = recipe(spec).aug
     aug.update(num_global=spec.num_global, global_size=spec.global_size,
                num_local=spec.num_local, local_size=spec.local_size)
-    return augment.build(aug)
+    return pipelines.build(aug)
 
 
 def resolve_dtype(spec: StepSpec, platform: str) -> str:

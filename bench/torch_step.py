@@ -23,7 +23,7 @@ from torch import nn
 
 from bench import step_common
 from sdtl_jax import config_lib, freeze, torch_reference
-from sdtl_jax.data import normalize
+from sdtl_jax.data.augment import normalize
 from sdtl_jax.models import layers
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Generates a synthetic dataset with one worker process per GPU of this host
-# (python -m sdtl_jax.generate), each on its own share of the shards. For several hosts, run it
+# (python -m sdtl_jax.datasets.generate), each on its own share of the shards. For several hosts, run it
 # on every host with the same OUTDIR on shared storage and SDTL_NUM_HOSTS / SDTL_HOST_INDEX set
 # (or use launch/generate_slurm.sh). The last worker to finish writes meta.json and the summary.
 #
@@ -50,7 +50,7 @@ pids=()
 for ((gpu = 0; gpu < num_gpus; gpu++)); do
   index=$((host * num_gpus + gpu))
   log=$(printf '%s/logs/worker-%03d.log' "$outdir" "$index")
-  cmd="CUDA_VISIBLE_DEVICES=${devices[gpu]} $(printf '%q' "$python") -m sdtl_jax.generate"
+  cmd="CUDA_VISIBLE_DEVICES=${devices[gpu]} $(printf '%q' "$python") -m sdtl_jax.datasets.generate"
   cmd+=" --config=$config"
   cmd+=" --outdir=$outdir --num_workers=$workers --worker_index=$index $* > $log 2>&1"
   if [ "$dry_run" = 1 ]; then echo "$cmd &"; else eval "$cmd &"; pids+=($!); fi

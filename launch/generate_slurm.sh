@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Submits a synthetic-data generation to SLURM: --nodes hosts x --gpus tasks, one GPU per task.
-# Each task is one worker of python -m sdtl_jax.generate, which reads its share of the shards
+# Each task is one worker of python -m sdtl_jax.datasets.generate, which reads its share of the shards
 # from SLURM_NTASKS / SLURM_PROCID. OUTDIR must be storage every node sees. The last worker to
 # finish writes meta.json and the summary; resubmitting the same job resumes.
 #
@@ -47,7 +47,7 @@ script="#!/usr/bin/env bash
 #SBATCH --output=$outdir/logs/slurm-%j-%t.log
 set -euo pipefail
 cd $root
-srun --kill-on-bad-exit=0 $python -m sdtl_jax.generate --config=$config --outdir=$outdir $*"
+srun --kill-on-bad-exit=0 $python -m sdtl_jax.datasets.generate --config=$config --outdir=$outdir $*"
 submit="sbatch ${SBATCH_ARGS:-}"
 if [ "$dry_run" = 1 ]; then
   echo "mkdir -p $outdir/logs"

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from absl import app, flags
 
 from sdtl_jax import cli, convert, models, torch_reference
-from sdtl_jax.data import normalize
+from sdtl_jax.data.augment import normalize
 
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    'tests', 'fixtures', 'fidelity')

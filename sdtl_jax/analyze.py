@@ -45,7 +45,8 @@ from sdtl_jax import (
     models,
 )
 from sdtl_jax.analyze_metrics import AnalysisError
-from sdtl_jax.data import input_pipeline, normalize, sources
+from sdtl_jax.data import input_pipeline, layout, sources
+from sdtl_jax.data.augment import normalize
 
 STUDY_RUNS = ('S', 'R')        # study.py's baselines: A = synthetic only, B = real only
 # Tags that make the two image subsets' seeds independent.
@@ -215,7 +216,7 @@ def analyze(a: str, b: str, out: str, *, data_dir: str | None = None, max_images
             f'different layers: {list(run_a.layer_names)} vs {list(run_b.layer_names)}')
     names = run_a.layer_names
     config = run_a.config
-    data_dir = data_dir or config.data.data_dir or sources.default_data_dir()
+    data_dir = data_dir or config.data.data_dir or layout.default_data_dir()
     eval_split = sources.resolve(config.data.eval, data_dir, config.data.eval_split)
     batch = global_batch or config.eval.global_batch
     read = dict(batch=batch, resize=config.eval.resize, crop=config.eval.crop)

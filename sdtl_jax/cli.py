@@ -19,7 +19,7 @@ Importing it therefore defines no flag: two modules that both define `--out` can
 by one test, and a library module that a command also is (convert, the importers) adds no flags
 to the programs that import it. Tests, and commands that run another (bench.all), run a
 command in their own process on flags of its own: `cli.call(module, ['--out=DIR', ...])`.
-(main.py and generate/__main__.py, programs that nothing imports but a test of their own,
+(main.py and datasets/generate/__main__.py, programs that nothing imports but a test of their own,
 define their flags at import; report.py and analyze.py under `if __name__ == '__main__'`.)
 """
 
@@ -38,22 +38,22 @@ HELP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', '?')
 # What `python -m sdtl_jax` lists: (heading, [(command, what it does)]).
 COMMANDS = (
     ('Training and analysis', (
-        ('python -m sdtl_jax.main', 'an experiment or study: --config=X.py --workdir=DIR'),
+        ('python -m sdtl_jax.main', 'experiment or study: --config=X.py --workdir=DIR'),
         ('python -m sdtl_jax.report', "a study's report.md and figures: --workdir=DIR"),
         ('python -m sdtl_jax.analyze', "two runs' features, layer by layer (CKA, probes)"),
         ('python -m sdtl_jax.models', "a model's 18 layers and their parameter counts"),
-        ('python -m sdtl_jax.convert', 'PyTorch weights -> a checkpoint for transfer.init_from'),
+        ('python -m sdtl_jax.convert', 'PyTorch weights -> Orbax, for transfer.init_from'),
     )),
     ('Data', (
-        ('python -m sdtl_jax.generate', 'a synthetic dataset from Stable Diffusion'),
-        ('python -m sdtl_jax.generate.tiny', 'a tiny random Stable Diffusion pipeline (CPU)'),
-        ('python -m sdtl_jax.generate.random_sd', "SD 1.4's architecture, random weights (no "
-         'download)'),
-        ('python -m sdtl_jax.data.import_imagenet100', 'ImageNet-100 from ImageNet-1k'),
-        ('python -m sdtl_jax.data.import_pets', 'Oxford-IIIT Pets from its archives'),
-        ('python -m sdtl_jax.data.import_tfds', 'a TFDS dataset prepared as array_record'),
-        ('python -m sdtl_jax.data.write_arrayrecord', 'an image folder, a sub-folder per class'),
-        ('python -m sdtl_jax.data.demo', "the digits demo's data and its linear-probe gap"),
+        ('python -m sdtl_jax.datasets.generate', 'a synthetic dataset from Stable Diffusion'),
+        ('python -m sdtl_jax.datasets.generate.tiny',
+         'a tiny random Stable Diffusion pipeline (CPU)'),
+        ('python -m sdtl_jax.datasets.generate.random_sd', "SD 1.4's architecture, random weights"),
+        ('python -m sdtl_jax.datasets.imagenet100', 'ImageNet-100 from ImageNet-1k'),
+        ('python -m sdtl_jax.datasets.pets', 'Oxford-IIIT Pets from its archives'),
+        ('python -m sdtl_jax.datasets.tfds', 'a TFDS dataset prepared as array_record'),
+        ('python -m sdtl_jax.datasets.image_folder', 'an image folder, a sub-folder per class'),
+        ('python -m sdtl_jax.datasets.digits', "the digits demo's data and its linear-probe gap"),
     )),
     ('Benchmarks (from the repository root)', (
         ('python -m bench.all', 'the suite: train step, loader, generator'),
@@ -63,7 +63,7 @@ COMMANDS = (
         ('python -m bench.loader_speed', 'decode + multi-crop samples/s per CPU core'),
         ('python -m bench.generator_speed', "the generator's images/s against diffusers'"),
         ('python -m bench.accelerator_check', 'GPU tests and benchmarks in one timed call'),
-        ('python -m bench.rehearsal', 'paper-sized data and models end to end, a few steps'),
+        ('python -m bench.rehearsal', 'paper-sized data and models end to end'),
     )),
     ('Launchers (from the repository root; --gpus=N always means N GPUs per host)', (
         ('launch/train_multi_gpu.sh', "an experiment or study on this host's GPUs"),

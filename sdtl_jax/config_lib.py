@@ -36,8 +36,8 @@ SMALL_MODELS = {
 }
 MODELS = tuple(SMALL_MODELS)
 DTYPES = ('auto', 'float32', 'bfloat16')
-# Table 1's augmentation pipelines, built by `data/augment.py`; here so that the augmentation
-# study's config lists them without importing grain and OpenCV.
+# Table 1's augmentation pipelines, built by `data/augment/pipelines.py`; here so that the
+# augmentation study's config lists them without importing grain and OpenCV.
 AUGMENTATIONS = ('none', 'pytorch', 'autoaugment', 'augmix', 'pixmix', 'multicrop')
 IF_CONFIG_CHANGED = ('stop', 'move_aside')
 # Studies (configs/study/, run by study.py) and the layer study's transfer directions:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sdtl_jax import sharding
-from sdtl_jax.data import normalize
+from sdtl_jax.data.augment import normalize
 
 
 def eval_step(params, batch_stats, batch, *, model, dtype):

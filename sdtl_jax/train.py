@@ -32,7 +32,8 @@ from sdtl_jax import (
     sharding,
     workdir_guard,
 )
-from sdtl_jax.data import input_pipeline, normalize, photometric, reader, sources, subsets
+from sdtl_jax.data import input_pipeline, layout, reader, sources, subsets
+from sdtl_jax.data.augment import normalize, photometric
 
 
 @flax.struct.dataclass
@@ -176,7 +177,7 @@ class _Data:
 
 def _read_data(config: ml_collections.ConfigDict, workdir: str, *,
                write_subset: bool) -> _Data:
-    data_dir = config.data.data_dir or sources.default_data_dir()
+    data_dir = config.data.data_dir or layout.default_data_dir()
     train_split = sources.resolve(config.data.train, data_dir, config.data.train_split)
     eval_split = sources.resolve(config.data.eval, data_dir, config.data.eval_split)
     if list(train_split.classes) != list(eval_split.classes):

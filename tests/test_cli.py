@@ -18,7 +18,7 @@ import types
 import pytest
 from absl import app, flags
 
-from sdtl_jax import cli
+from sdtl_jax import cli, moved
 
 ROOT = pathlib.Path(__file__).parent.parent
 # A flag each command's --help must show.
@@ -28,14 +28,14 @@ FLAG = {
     'python -m sdtl_jax.analyze': '--probe',
     'python -m sdtl_jax.models': '--model',
     'python -m sdtl_jax.convert': '--checkpoint',
-    'python -m sdtl_jax.generate': '--outdir',
-    'python -m sdtl_jax.generate.tiny': '--[no]sdxl',
-    'python -m sdtl_jax.generate.random_sd': '--[no]safety_checker',
-    'python -m sdtl_jax.data.import_imagenet100': '--train_tar',
-    'python -m sdtl_jax.data.import_pets': '--annotations',
-    'python -m sdtl_jax.data.import_tfds': '--tfds_data_dir',
-    'python -m sdtl_jax.data.write_arrayrecord': '--domain',
-    'python -m sdtl_jax.data.demo': '--data_dir',
+    'python -m sdtl_jax.datasets.generate': '--outdir',
+    'python -m sdtl_jax.datasets.generate.tiny': '--[no]sdxl',
+    'python -m sdtl_jax.datasets.generate.random_sd': '--[no]safety_checker',
+    'python -m sdtl_jax.datasets.imagenet100': '--train_tar',
+    'python -m sdtl_jax.datasets.pets': '--annotations',
+    'python -m sdtl_jax.datasets.tfds': '--tfds_data_dir',
+    'python -m sdtl_jax.datasets.image_folder': '--domain',
+    'python -m sdtl_jax.datasets.digits': '--data_dir',
     'python -m bench.all': '--skip',
     'python -m bench.train_step_speed': '--num_frozen',
     'python -m bench.freeze_speed': '--num_frozen',
@@ -59,10 +59,10 @@ SCRIPTS = {'python scripts/make_fidelity_fixtures.py': '--full_size'}
 # generate/__main__.py, programs only, which define their flags at import.
 MODULES = ('bench.accelerator_check', 'bench.all', 'bench.freeze_speed', 'bench.generator_speed',
            'bench.loader_speed', 'bench.profile_step', 'bench.rehearsal', 'bench.train_step_speed',
-           'sdtl_jax.analyze', 'sdtl_jax.convert', 'sdtl_jax.report', 'sdtl_jax.generate.tiny',
-           'sdtl_jax.generate.random_sd', 'sdtl_jax.data.demo', 'sdtl_jax.data.import_imagenet100',
-           'sdtl_jax.data.import_pets', 'sdtl_jax.data.import_tfds',
-           'sdtl_jax.data.shard_import', 'sdtl_jax.data.write_arrayrecord',
+           'sdtl_jax.analyze', 'sdtl_jax.convert', 'sdtl_jax.report',
+           'sdtl_jax.datasets.generate.tiny', 'sdtl_jax.datasets.generate.random_sd',
+           'sdtl_jax.datasets.digits', 'sdtl_jax.datasets.imagenet100', 'sdtl_jax.datasets.pets',
+           'sdtl_jax.datasets.tfds', 'sdtl_jax.datasets.shards', 'sdtl_jax.datasets.image_folder',
            'sdtl_jax.models.__main__')
 
 
@@ -86,6 +86,7 @@ def runs():
     if all(importlib.util.find_spec(m) for m in ('torchvision', 'timm')):
         commands.update(SCRIPTS)
     jobs.update({command: [*_argv(command), '--help'] for command in commands})
+    jobs.update({f'moved {old}': [sys.executable, '-m', old, '--help'] for old in moved.MOVED})
     with concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
         futures = {name: pool.submit(_run, argv) for name, argv in jobs.items()}
         return {name: future.result() for name, future in futures.items()}
@@ -112,6 +113,16 @@ def test_help_exits_0_with_the_usage_and_the_flags(runs, command):
     assert any(usage in line for line in head), result.stdout[:2000]
     flag = FLAG.get(command) or SCRIPTS[command]
     assert flag in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize('old', moved.MOVED)
+def test_moved_commands_still_run_from_their_old_path(runs, old):
+    new = moved.MOVED[old]
+    result = runs[f'moved {old}']
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.splitlines()[0] == (f'note: python -m {old} is now python -m {new}; the '
+                                             'old name goes in the next release.')
+    assert result.stdout == runs[f'python -m {new}'].stdout     # the new command's own help
 
 
 def test_importing_the_commands_defines_no_flag():

@@ -1,5 +1,4 @@
 """Tests of sdtl_jax.data: record format, registry, transforms, grain pipelines, demo data."""
-
 import io
 import json
 import os
@@ -9,16 +8,10 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from sdtl_jax.data import (
-    demo,
-    generator,
-    input_pipeline,
-    photometric,
-    records,
-    sources,
-    subsets,
-    transforms,
-)
+from sdtl_jax.data import input_pipeline, layout, records, sources, subsets
+from sdtl_jax.data.augment import eval_view, multicrop, photometric
+from sdtl_jax.datasets import digits, shards
+from sdtl_jax.datasets.generate import generator
 
 # grain reads absl flags; conftest.py does this too, but the module must also run on its own.
 flags.FLAGS.mark_as_parsed()
@@ -37,11 +30,11 @@ def _tiny_image(i: int) -> np.ndarray:
 
 def _write_tiny(dataset_dir, n: int = NUM_TINY, split: str = 'train',
                 records_per_shard: int = 20) -> sources.DatasetSplit:
-    with records.ShardWriter(dataset_dir, split, num_classes=len(TINY_CLASSES),
+    with shards.ShardWriter(dataset_dir, split, num_classes=len(TINY_CLASSES),
                              records_per_shard=records_per_shard) as writer:
         for i in range(n):
             writer.write(records.encode_png(_tiny_image(i)), i % len(TINY_CLASSES), f'img{i:03d}')
-    records.write_meta(dataset_dir, 'tiny', 'real', TINY_CLASSES, {split: writer.close()})
+    layout.write_meta(dataset_dir, 'tiny', 'real', TINY_CLASSES, {split: writer.close()})
     return sources.split_from_dir(dataset_dir, split)
 
 
@@ -52,7 +45,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def demo_dir(tmp_path_factory):
-    return demo.ensure_demo_data(tmp_path_factory.mktemp('demo_data'))
+    return digits.ensure_demo_data(tmp_path_factory.mktemp('demo_data'))
 
 
 def _ids(dataset, start: int, stop: int) -> list[str]:
@@ -69,25 +62,25 @@ def test_record_round_trip():
     data = records.encode_record(records.encode_png(image), 3, 'x/1', {'seed': 7, 'prompt': 'p'})
     record = records.decode_record(data)
     assert (record['label'], record['id'], record['meta']) == (3, 'x/1', {'seed': 7, 'prompt': 'p'})
-    np.testing.assert_array_equal(transforms.decode_image(record['image']), image)
+    np.testing.assert_array_equal(records.decode_image(record['image']), image)
     assert records.decode_record(records.encode_record(b'jpg', 0, 'y'))['meta'] == {}
-    assert transforms.decode_image(records.encode_jpeg(image)).shape == (4, 4, 3)
+    assert records.decode_image(records.encode_jpeg(image)).shape == (4, 4, 3)
 
 
 def test_shard_writer_and_meta(tmp_path):
     split = _write_tiny(tmp_path, n=10, records_per_shard=4)
     names = [os.path.basename(f) for f in split.files]
     assert names == [f'train-0000{i}-of-00003.array_record' for i in range(3)]
-    meta = records.read_meta(tmp_path)
+    meta = layout.read_meta(tmp_path)
     assert meta['name'] == 'tiny' and meta['domain'] == 'real' and meta['classes'] == TINY_CLASSES
     assert meta['splits']['train'] == {'files': names, 'num_examples': 10,
                                        'class_counts': [3, 3, 2, 2]}
     import grain
     source = grain.sources.ArrayRecordDataSource(split.files)
     assert _ids(source, 0, 10) == [f'img{i:03d}' for i in range(10)]
-    np.testing.assert_array_equal(records.read_labels(tmp_path, 'train'),
+    np.testing.assert_array_equal(layout.read_labels(tmp_path, 'train'),
                                   [i % len(TINY_CLASSES) for i in range(10)])
-    assert records.read_labels(tmp_path, 'val') is None     # e.g. written before the sidecar
+    assert layout.read_labels(tmp_path, 'val') is None     # e.g. written before the sidecar
     # Rewriting the split with another shard count leaves no stale shards behind.
     split = _write_tiny(tmp_path, n=10, records_per_shard=10)
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.array_record')) == [
@@ -97,15 +90,15 @@ def test_shard_writer_and_meta(tmp_path):
 
 def test_read_meta_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / 'nope')):
-        records.read_meta(tmp_path / 'nope')
+        layout.read_meta(tmp_path / 'nope')
     with pytest.raises(FileNotFoundError, match='meta.json is missing'):
-        records.read_meta(tmp_path)
+        layout.read_meta(tmp_path)
     (tmp_path / 'meta.json').write_text('{"name": ')
     with pytest.raises(ValueError, match='meta.json is not valid JSON'):
-        records.read_meta(tmp_path)
+        layout.read_meta(tmp_path)
     (tmp_path / 'meta.json').write_text('{"name": "x"}')
     with pytest.raises(ValueError, match='missing fields'):
-        records.read_meta(tmp_path)
+        layout.read_meta(tmp_path)
 
 
 # Registry.
@@ -127,9 +120,9 @@ def test_resolve_errors(tmp_path):
     message = str(e.value)
     assert str(tmp_path / 'imagenet100_real') in message
     assert 'meta.json' in message and 'val-NNNNN-of-MMMMM.array_record' in message
-    assert 'python -m sdtl_jax.data.write_arrayrecord' in message
+    assert 'python -m sdtl_jax.datasets.image_folder' in message
     # A class list that differs from the registry's.
-    records.write_meta(tmp_path / 'pets_real', 'pets_real', 'real', ['cat', 'dog'],
+    layout.write_meta(tmp_path / 'pets_real', 'pets_real', 'real', ['cat', 'dog'],
                        {'test': {'files': [], 'num_examples': 0, 'class_counts': [0, 0]}})
     with pytest.raises(ValueError, match='registry order'):
         sources.resolve('pets_real', tmp_path, 'test')
@@ -137,9 +130,9 @@ def test_resolve_errors(tmp_path):
 
 def test_default_data_dir(monkeypatch):
     monkeypatch.setenv('SDTL_DATA_DIR', '/some/where')
-    assert sources.default_data_dir() == '/some/where'
+    assert layout.default_data_dir() == '/some/where'
     monkeypatch.delenv('SDTL_DATA_DIR')
-    assert sources.default_data_dir().endswith(os.path.join('.cache', 'sdtl_jax', 'data'))
+    assert layout.default_data_dir().endswith(os.path.join('.cache', 'sdtl_jax', 'data'))
 
 
 # Transforms.
@@ -160,18 +153,18 @@ def test_decode_modes():
     deep_buf = io.BytesIO()
     deep.save(deep_buf, format='PNG')
     for data in (_png(gray), _png(rgba), buf.getvalue(), deep_buf.getvalue()):
-        image = transforms.decode_image(data)
+        image = records.decode_image(data)
         assert image.shape == (8, 8, 3) and image.dtype == np.uint8
-    np.testing.assert_array_equal(transforms.decode_image(_png(gray))[..., 1], gray)
+    np.testing.assert_array_equal(records.decode_image(_png(gray))[..., 1], gray)
     # 16-bit is rescaled to 0..255, not clipped.
-    assert transforms.decode_image(deep_buf.getvalue()).max() == round(63000 * 255 / 65535)
+    assert records.decode_image(deep_buf.getvalue()).max() == round(63000 * 255 / 65535)
     with pytest.raises(ValueError, match="record 'bad/7'"):
-        transforms.decode_image(b'not an image', 'bad/7')
+        records.decode_image(b'not an image', 'bad/7')
 
 
 def test_multicrop_and_eval_transform():
     record = records.encode_record(records.encode_jpeg(_tiny_image(5)), 2, 'x')
-    crop = transforms.MultiCrop(**{k: v for k, v in AUG.items() if k != 'name'})
+    crop = multicrop.MultiCrop(**{k: v for k, v in AUG.items() if k != 'name'})
     out = crop.random_map(record, np.random.default_rng(0))
     assert out['global'].shape == (2, 16, 16, 3) and out['global'].dtype == np.uint8
     assert out['local'].shape == (3, 8, 8, 3) and out['local'].dtype == np.uint8
@@ -179,14 +172,14 @@ def test_multicrop_and_eval_transform():
     assert out['global'].max() > 0 and out['global'].min() >= 0
     again = crop.random_map(record, np.random.default_rng(0))
     np.testing.assert_array_equal(out['local'], again['local'])
-    no_local = transforms.MultiCrop(global_size=16, num_local=0)
+    no_local = multicrop.MultiCrop(global_size=16, num_local=0)
     assert 'local' not in no_local.random_map(record, np.random.default_rng(0))
     # The crop box always lies inside the image, also in the centre-crop fallback.
     rng = np.random.default_rng(1)
     for h, w, scale in ((100, 10, (0.9, 1.0)), (10, 100, (0.9, 1.0)), (37, 53, (0.05, 0.25))):
-        top, left, ch, cw = transforms.random_resized_crop_box(h, w, scale, (3 / 4, 4 / 3), rng)
+        top, left, ch, cw = multicrop.random_resized_crop_box(h, w, scale, (3 / 4, 4 / 3), rng)
         assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch * cw > 0
-    image = transforms.EvalTransform(resize=20, crop=16).map(
+    image = eval_view.EvalTransform(resize=20, crop=16).map(
         {'image': records.encode_png(_tiny_image(1)), 'label': 1, 'id': 'y'})['image']
     assert image.shape == (16, 16, 3) and image.dtype == np.uint8
 
@@ -315,7 +308,7 @@ def test_demo_real_split(demo_dir):
     totals = np.add(train.class_counts, val.class_counts)
     # Stratified: every class is split 80/20 to within one image.
     assert np.all(np.abs(np.asarray(val.class_counts) - 0.2 * totals) <= 1)
-    x, y = demo.load_arrays(val)
+    x, y = digits.load_arrays(val)
     assert x.shape == (360, 64) and x.max() == 16 and x.min() == 0
     synth = sources.resolve('digits_synth', demo_dir, 'train')
     assert synth.domain == 'synth' and synth.class_counts == [200] * 10
@@ -329,20 +322,20 @@ def test_demo_synth_provenance(demo_dir):
     assert {'generator', 'prompt', 'seed', 'class', 'font', 'rotation', 'shear',
             'stroke_width'} <= set(meta)
     assert meta['generator'] == 'font_digits' and meta['prompt'] == 'zero'
-    assert meta['seed'] == generator.derive_seed(demo.SYNTH_SEEDS['train'], 0, 0)
-    gen = demo.FontDigitGenerator()
+    assert meta['seed'] == generator.derive_seed(digits.SYNTH_SEEDS['train'], 0, 0)
+    gen = digits.FontDigitGenerator()
     assert isinstance(gen, generator.Generator)
     request = generator.GenerationRequest(3, '3', 'three', seed=meta['seed'], index=0)
     a, b = gen.generate([request, request])
     np.testing.assert_array_equal(a.image, b.image)
-    assert a.image.shape == (8, 8) and set(np.unique(demo.from_png_levels(a.image))) <= set(
+    assert a.image.shape == (8, 8) and set(np.unique(digits.from_png_levels(a.image))) <= set(
         range(17))
-    assert len(demo.usable_fonts()) >= 15
-    assert not any(s in f for f in demo.usable_fonts() for s in ('cmsy10', 'cmex10', 'Display'))
+    assert len(digits.usable_fonts()) >= 15
+    assert not any(s in f for f in digits.usable_fonts() for s in ('cmsy10', 'cmex10', 'Display'))
 
 
 def test_demo_linear_probe_gap(demo_dir):
-    result = demo.linear_probe_gap(demo_dir)
+    result = digits.linear_probe_gap(demo_dir)
     assert result['real_to_real'] > 90
     assert 20 < result['synth_to_real'] < result['real_to_real'] - 25
 
@@ -354,7 +347,7 @@ def test_demo_concurrent_first_use(tmp_path):
 
     def build():
         try:
-            demo.ensure_demo_data(tmp_path)
+            digits.ensure_demo_data(tmp_path)
         except Exception as e:  # reported below
             errors.append(e)
 

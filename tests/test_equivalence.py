@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from sdtl_jax import convert, models
-from sdtl_jax.data import normalize
+from sdtl_jax.data.augment import normalize
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'fidelity'
 TOLERANCE = 1e-4

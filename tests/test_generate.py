@@ -1,4 +1,5 @@
-"""The Stable Diffusion generator on tiny random pipelines (sdtl_jax.generate.tiny), on CPU."""
+"""The Stable Diffusion generator on tiny random pipelines (sdtl_jax.datasets.generate.tiny), on
+CPU."""
 import importlib.util
 import io
 import json
@@ -11,9 +12,9 @@ import pytest
 pytest.importorskip('diffusers')
 torch = pytest.importorskip('torch')
 
-from sdtl_jax.data import generator, records, sources  # noqa: E402
-from sdtl_jax.generate import __main__ as cli  # noqa: E402
-from sdtl_jax.generate import diffusion, prompts, tiny  # noqa: E402
+from sdtl_jax.data import layout, records, sources  # noqa: E402
+from sdtl_jax.datasets.generate import __main__ as cli  # noqa: E402
+from sdtl_jax.datasets.generate import diffusion, generator, prompts, tiny  # noqa: E402
 
 ROOT = pathlib.Path(__file__).parent.parent
 CLASSES = sources.class_list('imagenet100')
@@ -46,7 +47,7 @@ def tiny_config(model, **overrides):
 
 def read_records(out_dir, split='train'):
     import grain
-    meta = records.read_meta(out_dir)
+    meta = layout.read_meta(out_dir)
     files = [os.path.join(out_dir, f) for f in meta['splits'][split]['files']]
     source = grain.sources.ArrayRecordDataSource(files)
     return [records.decode_record(source[i]) for i in range(len(source))]
@@ -83,7 +84,7 @@ def test_generates_every_class_index_once_with_provenance(generated, tiny_sd):
     assert sum(summary['class_counts']) == 8 and summary['num_resamples'] == 0
     assert generator.format_summary(summary).startswith(
         '[imagenet100_synth/train] 8 images in 4 shards: 4 per class for 2 classes; 0 re-sampled')
-    assert records.read_labels(out, 'train').tolist() == [r['label'] for r in recs]
+    assert layout.read_labels(out, 'train').tolist() == [r['label'] for r in recs]
     definitions = {c['wnid']: c for c in sources.load_reference('imagenet100.json')['classes']}
     for r in recs:
         meta, c = r['meta'], r['meta']['class']
@@ -378,7 +379,7 @@ def test_worker_from_env():
     ('family', 'cifar', 'family'),
 ])
 def test_bad_config_values_are_named(key, value, message):
-    from sdtl_jax.generate import config as config_lib
+    from sdtl_jax.datasets.generate import config as config_lib
     c = load_config('imagenet100_sd14')
     c[key] = value
     with pytest.raises(ValueError, match=message):

@@ -1,6 +1,5 @@
 """Importers and odd inputs: file names that are not UTF-8 (or hold a line break), dangling links,
 empty class folders, EXIF orientation. One odd file never stops an import."""
-
 import io
 import os
 
@@ -10,16 +9,8 @@ from absl import flags
 from PIL import Image, ImageOps
 
 from sdtl_jax import cli
-from sdtl_jax.data import (
-    import_imagenet100,
-    import_pets,
-    import_tfds,
-    records,
-    shard_import,
-    sources,
-    transforms,
-    write_arrayrecord,
-)
+from sdtl_jax.data import layout, records, sources
+from sdtl_jax.datasets import image_folder, imagenet100, images, pets, tfds
 from sdtl_jax.errors import UserError
 
 # grain reads absl flags; conftest.py does this too, but the module must also run on its own.
@@ -34,7 +25,7 @@ def _jpeg(seed: int, size=(32, 24), orientation: int | None = None) -> bytes:
         image.save(buf, format='JPEG')
     else:
         exif = Image.Exif()
-        exif[shard_import.ORIENTATION_TAG] = orientation
+        exif[images.ORIENTATION_TAG] = orientation
         image.save(buf, format='JPEG', exif=exif.tobytes())
     return buf.getvalue()
 
@@ -79,9 +70,9 @@ def test_non_utf8_names_are_stored_or_listed(tmp_path, capsys):
     src, files = _bad_name_folder(tmp_path)
     out = tmp_path / 'out'
     args = [f'--src={src}', f'--out={out}', '--split=train', '--domain=real']
-    assert cli.call(write_arrayrecord, args) == 0
+    assert cli.call(image_folder, args) == 0
     assert '3 unreadable' in capsys.readouterr().out
-    meta = records.read_meta(out)                 # written: the import completed
+    meta = layout.read_meta(out)                 # written: the import completed
     assert meta['classes'] == ['a', 'b'] and meta['splits']['train']['class_counts'] == [2, 1]
     assert not (out / 'train.progress.json').exists()
     # The image with the bad name is stored; its id shows the bytes escaped, id_bytes has them.
@@ -103,7 +94,7 @@ def test_non_utf8_names_are_stored_or_listed(tmp_path, capsys):
         assert os.path.lexists(records.name_bytes(source))
     # A re-run works and writes the same records.
     first = {r['id']: (r['image'], r.get('id_bytes')) for r in _read_all(out, 'train')}
-    assert cli.call(write_arrayrecord, args) == 0
+    assert cli.call(image_folder, args) == 0
     assert {r['id']: (r['image'], r.get('id_bytes')) for r in _read_all(out, 'train')} == first
     assert [line.split('\t')[0] for line in _unreadable_lines(out, 'train')] == sorted(listed)
 
@@ -118,7 +109,7 @@ def test_non_utf8_name_in_imagenet_tree(tmp_path):
         pytest.skip(f'file system refuses names that are not UTF-8: {e}')
     out = tmp_path / 'out'
     for _ in range(2):   # the second run re-writes the split
-        [summary] = import_imagenet100.import_imagenet100(
+        [summary] = imagenet100.import_imagenet100(
             str(out), src=str(tmp_path / 'imagenet'), splits=['train'])
         assert summary['num_examples'] == 1 and len(summary['unreadable']) == 1
         [record] = _read_all(out, 'train')
@@ -155,12 +146,12 @@ def test_empty_class_folder_stops_the_import(tmp_path, capsys):
     src = _folder_with_empty_class(tmp_path)
     out = tmp_path / 'out'
     with pytest.raises(UserError, match='--allow_empty_classes') as e:
-        write_arrayrecord.convert(str(src), str(out), split='train', domain='real')
+        image_folder.convert(str(src), str(out), split='train', domain='real')
     assert str(src / 'b') in str(e.value) and '\n' not in str(e.value)
     assert not (out / 'meta.json').exists()
     capsys.readouterr()
     args = [f'--src={src}', f'--out={out}', '--split=train', '--domain=real']
-    assert cli.call(write_arrayrecord, args) == 1
+    assert cli.call(image_folder, args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: ') and str(src / 'b') in err[0]
 
@@ -168,9 +159,9 @@ def test_empty_class_folder_stops_the_import(tmp_path, capsys):
 def test_allow_empty_classes(tmp_path, capsys):
     src = _folder_with_empty_class(tmp_path)
     out = tmp_path / 'out'
-    assert cli.call(write_arrayrecord, [f'--src={src}', f'--out={out}', '--split=train',
+    assert cli.call(image_folder, [f'--src={src}', f'--out={out}', '--split=train',
                                         '--domain=real', '--allow_empty_classes']) == 0
-    meta = records.read_meta(out)
+    meta = layout.read_meta(out)
     assert meta['classes'] == ['a', 'b', 'c']
     assert meta['splits']['train']['class_counts'] == [1, 0, 1]
     warnings = [line for line in capsys.readouterr().err.splitlines()
@@ -184,10 +175,10 @@ def test_empty_class_folder_in_imagenet_tree(tmp_path):
     _write(root / 'train' / a / f'{a}_1.JPEG', _jpeg(0))
     os.makedirs(root / 'train' / b)
     with pytest.raises(UserError, match='--allow_empty_classes') as e:
-        import_imagenet100.import_imagenet100(str(tmp_path / 'out'), src=str(root),
+        imagenet100.import_imagenet100(str(tmp_path / 'out'), src=str(root),
                                               splits=['train'])
     assert str(root / 'train' / b) in str(e.value)
-    [summary] = import_imagenet100.import_imagenet100(
+    [summary] = imagenet100.import_imagenet100(
         str(tmp_path / 'out'), src=str(root), splits=['train'], allow_empty_classes=True)
     assert summary['num_examples'] == 1
 
@@ -202,28 +193,27 @@ def test_exif_transpose(tmp_path):
     _write(src / 'a' / 'plain.jpg', _jpeg(2))
     as_is, turned = tmp_path / 'as_is', tmp_path / 'turned'
     base = [f'--src={src}', '--split=train', '--domain=real']
-    assert cli.call(write_arrayrecord, [*base, f'--out={as_is}']) == 0
-    assert cli.call(write_arrayrecord, [*base, f'--out={turned}', '--exif_transpose']) == 0
+    assert cli.call(image_folder, [*base, f'--out={as_is}']) == 0
+    assert cli.call(image_folder, [*base, f'--out={turned}', '--exif_transpose']) == 0
     stored = {r['id']: r['image'] for r in _read_all(as_is, 'train')}
     # Default: every image byte for byte, so it decodes as the file's pixels, 24 x 40.
     assert stored == {'a/rotated.jpg': rotated, 'a/upright.jpg': upright,
                       'a/plain.jpg': (src / 'a' / 'plain.jpg').read_bytes()}
-    assert transforms.decode_image(stored['a/rotated.jpg']).shape == (24, 40, 3)
+    assert records.decode_image(stored['a/rotated.jpg']).shape == (24, 40, 3)
     # --exif_transpose: orientation 6 is stored turned upright (40 x 24), exactly as PIL's
     # exif_transpose shows it; upright images stay byte for byte.
     stored = {r['id']: r['image'] for r in _read_all(turned, 'train')}
     assert stored['a/upright.jpg'] == upright
     assert stored['a/plain.jpg'] == (src / 'a' / 'plain.jpg').read_bytes()
     want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(rotated))).convert('RGB'))
-    got = transforms.decode_image(stored['a/rotated.jpg'])
+    got = records.decode_image(stored['a/rotated.jpg'])
     assert got.shape == (40, 24, 3)
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(got, np.rot90(transforms.decode_image(rotated), k=-1))
+    np.testing.assert_array_equal(got, np.rot90(records.decode_image(rotated), k=-1))
 
 
 @pytest.mark.parametrize('module, class_folders', [
-    (write_arrayrecord, True), (import_imagenet100, True), (import_pets, False),
-    (import_tfds, False)])
+    (image_folder, True), (imagenet100, True), (pets, False), (tfds, False)])
 def test_importer_flags(module, class_folders):
     flag_values = flags.FlagValues()
     module.define_flags(flag_values)

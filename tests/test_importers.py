@@ -1,6 +1,5 @@
 """Tests of the importers (ImageNet-100, Pets, image folder, TFDS) on tiny trees and tars in the
 published layouts: counts, labels, identical output across layouts, resume, bad inputs."""
-
 import csv
 import io
 import json
@@ -14,16 +13,9 @@ from absl import flags
 from PIL import Image
 
 from sdtl_jax import cli
-from sdtl_jax.data import (
-    import_imagenet100,
-    import_pets,
-    input_pipeline,
-    records,
-    shard_import,
-    sources,
-    transforms,
-    write_arrayrecord,
-)
+from sdtl_jax.data import input_pipeline, layout, records, sources
+from sdtl_jax.datasets import image_folder, imagenet100, shards
+from sdtl_jax.datasets import pets as pets_importer
 
 # grain reads absl flags; conftest.py does this too, but the module must also run on its own.
 flags.FLAGS.mark_as_parsed()
@@ -148,14 +140,14 @@ def _expected_imagenet():
 
 def test_imagenet_layouts_agree(imagenet, tmp_path, capsys):
     outs = {name: tmp_path / name for name in imagenet}
-    assert cli.call(import_imagenet100, [f'--src={imagenet["folders"]}',
+    assert cli.call(imagenet100, [f'--src={imagenet["folders"]}',
                                          f'--out={outs["folders"]}']) == 0
-    assert cli.call(import_imagenet100, [f'--src={imagenet["devkit"]}',
+    assert cli.call(imagenet100, [f'--src={imagenet["devkit"]}',
                                          f'--out={outs["devkit"]}']) == 0
-    assert cli.call(import_imagenet100, [f'--src={imagenet["kaggle"]}',
+    assert cli.call(imagenet100, [f'--src={imagenet["kaggle"]}',
                                          f'--out={outs["kaggle"]}']) == 0
     tars = imagenet['tars']
-    assert cli.call(import_imagenet100, [f'--train_tar={tars}/ILSVRC2012_img_train.tar',
+    assert cli.call(imagenet100, [f'--train_tar={tars}/ILSVRC2012_img_train.tar',
                                          f'--val_tar={tars}/ILSVRC2012_img_val.tar',
                                          f'--devkit={tars}/ILSVRC2012_devkit_t12.tar.gz',
                                          f'--out={outs["tars"]}', '--records_per_shard=2']) == 0
@@ -165,13 +157,13 @@ def test_imagenet_layouts_agree(imagenet, tmp_path, capsys):
     reference = {split: _read_all(outs['folders'], split) for split in ('train', 'val')}
     for split, want in expected.items():
         assert [(r['id'], r['label']) for r in reference[split]] == want
-        np.testing.assert_array_equal(records.read_labels(outs['folders'], split),
+        np.testing.assert_array_equal(layout.read_labels(outs['folders'], split),
                                       [label for _, label in want])
         for name in ('devkit', 'kaggle', 'tars'):
             assert _read_all(outs[name], split) == reference[split], (name, split)
-            np.testing.assert_array_equal(records.read_labels(outs[name], split),
+            np.testing.assert_array_equal(layout.read_labels(outs[name], split),
                                           [label for _, label in want])
-    meta = records.read_meta(outs['tars'])
+    meta = layout.read_meta(outs['tars'])
     assert meta['classes'] == WNIDS and meta['domain'] == 'real'
     assert meta['splits']['train']['num_examples'] == 5
     assert len(meta['splits']['train']['files']) == 3          # 5 images, 2 per shard
@@ -185,19 +177,19 @@ def test_imagenet_flat_val_needs_ground_truth(imagenet, tmp_path, capsys):
     src = tmp_path / 'flat'
     for fname in os.listdir(imagenet['devkit'] / 'val'):
         _write(src / 'val' / fname, (imagenet['devkit'] / 'val' / fname).read_bytes())
-    assert cli.call(import_imagenet100, [f'--src={src}', f'--out={tmp_path}/out',
+    assert cli.call(imagenet100, [f'--src={src}', f'--out={tmp_path}/out',
                                          '--splits=val']) == 2
     err = capsys.readouterr().err
     assert '--devkit=ILSVRC2012_devkit_t12.tar.gz' in err and 'LOC_val_solution.csv' in err
     # The devkit's ground truth without meta.mat: the error names the missing file.
     gt = tmp_path / 'gt' / 'ILSVRC2012_validation_ground_truth.txt'
     _write(gt, '1\n')
-    assert cli.call(import_imagenet100, [f'--src={src}', f'--val_labels={gt}',
+    assert cli.call(imagenet100, [f'--src={src}', f'--val_labels={gt}',
                                          f'--out={tmp_path}/out', '--splits=val']) == 2
     assert str(tmp_path / 'gt' / 'meta.mat') in capsys.readouterr().err
     # A val file the ground truth does not cover is reported by path.
     _write(src / 'val' / 'ILSVRC2012_val_00000099.JPEG', _jpeg(1))
-    assert cli.call(import_imagenet100, [
+    assert cli.call(imagenet100, [
         f'--src={src}', f'--out={tmp_path}/out', '--splits=val',
         f'--devkit={imagenet["devkit"]}/ILSVRC2012_devkit_t12']) == 0
     assert _unreadable(tmp_path / 'out', 'val') == {
@@ -242,12 +234,12 @@ def pets(tmp_path_factory):
 
 def test_pets_archives_and_folders(pets, tmp_path):
     from_tars, from_folders = tmp_path / 'tars', tmp_path / 'pets_real'
-    assert cli.call(import_pets, [f'--src={pets}/tars', f'--out={from_tars}']) == 0
-    assert cli.call(import_pets, [f'--src={pets}/folders', f'--out={from_folders}']) == 0
+    assert cli.call(pets_importer, [f'--src={pets}/tars', f'--out={from_tars}']) == 0
+    assert cli.call(pets_importer, [f'--src={pets}/folders', f'--out={from_folders}']) == 0
     plain = tmp_path / 'plain'
-    assert cli.call(import_pets, [f'--images={pets}/plain/images.tar.gz', f'--out={plain}',
+    assert cli.call(pets_importer, [f'--images={pets}/plain/images.tar.gz', f'--out={plain}',
                                   f'--annotations={pets}/tars/annotations.tar.gz']) == 0
-    assert not os.path.exists(from_tars / import_pets.CACHE_DIR)   # decompressed copy removed
+    assert not os.path.exists(from_tars / pets_importer.CACHE_DIR)   # decompressed copy removed
     classes = sources.class_list('pets')
     for split, listed in (('train', PETS['trainval']), ('test', PETS['test'])):
         got = _read_all(from_folders, split)
@@ -257,12 +249,12 @@ def test_pets_archives_and_folders(pets, tmp_path):
         assert all(classes[r['label']] == r['id'].rsplit('_', 1)[0] for r in got)
         assert got[0]['image'] == (pets / 'folders' / 'images' / got[0]['id']).read_bytes()
         assert not _unreadable(from_folders, split)
-    meta = records.read_meta(from_folders)
+    meta = layout.read_meta(from_folders)
     assert meta['splits']['train']['num_examples'] == 5 and meta['classes'] == classes
     assert meta['splits']['train']['class_counts'][:6] == [2, 1, 0, 0, 0, 1]
     # The registry finds it, and a training input pipeline reads the right labels.
     split = sources.resolve('pets_real', tmp_path, 'train')
-    labels = records.read_labels(tmp_path / 'pets_real', 'train')
+    labels = layout.read_labels(tmp_path / 'pets_real', 'train')
     batches = list(input_pipeline.eval_batches(split, global_batch=4, resize=16, crop=16,
                                                num_threads=2))
     seen = np.concatenate([b['label'][b['mask']] for b in batches])
@@ -281,8 +273,8 @@ def test_pets_bad_annotations(pets, tmp_path):
     _write(annotations / 'trainval.txt', _pets_list(lines) + 'Bengal_3 six 1 1\n')
     _write(annotations / 'test.txt', HEADER)
     out = tmp_path / 'out'
-    assert cli.call(import_pets, [f'--images={pets}/folders/images', f'--annotations={annotations}',
-                                  f'--out={out}']) == 0
+    assert cli.call(pets_importer, [f'--images={pets}/folders/images',
+                                    f'--annotations={annotations}', f'--out={out}']) == 0
     trainval = str(annotations / 'trainval.txt')
     assert _unreadable(out, 'train') == {
         f'{trainval}:5': 'class id 0 of Bengal_3 outside 1..37',
@@ -292,7 +284,7 @@ def test_pets_bad_annotations(pets, tmp_path):
         f'{trainval}:9': 'expected "Image CLASS-ID SPECIES BREED-ID", got \'Bengal_3 six 1 1\'',
         f'{pets}/folders/images/Bengal_9.jpg': f'listed in {trainval} but missing'}
     assert [r['id'] for r in _read_all(out, 'train')] == ['Abyssinian_1.jpg']
-    assert records.read_meta(out)['splits']['test']['num_examples'] == 0
+    assert layout.read_meta(out)['splits']['test']['num_examples'] == 0
 
 
 # Image folder (users' own data, generated images).
@@ -308,26 +300,26 @@ def test_write_arrayrecord(tmp_path):
     _write(src / 'dog' / 'broken.jpg', b'\xff\xd8 not really a jpeg')
     _write(src / 'dog' / '0.json', '{"seed": 5}')
     out = tmp_path / 'out'
-    assert cli.call(write_arrayrecord, [f'--src={src}', f'--out={out}', '--split=train',
+    assert cli.call(image_folder, [f'--src={src}', f'--out={out}', '--split=train',
                                         '--domain=real']) == 0
     assert str(src / 'dog' / 'broken.jpg') in _unreadable(out, 'train')
-    meta = records.read_meta(out)
+    meta = layout.read_meta(out)
     assert meta['name'] == 'out' and meta['classes'] == ['cat', 'dog']
     assert meta['splits']['train']['class_counts'] == [3, 3]
     by_id = {r['id']: r for r in _read_all(out, 'train')}
     assert by_id[os.path.join('cat', '0.jpg')]['image'] == (src / 'cat' / '0.jpg').read_bytes()
     assert by_id[os.path.join('dog', '0.jpg')]['meta'] == {'seed': 5}
     assert Image.open(io.BytesIO(by_id[os.path.join('cat', 'x.bmp')]['image'])).format == 'PNG'
-    np.testing.assert_array_equal(records.read_labels(out, 'train'), [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(layout.read_labels(out, 'train'), [0, 0, 0, 1, 1, 1])
     # A second split is merged into meta.json; a registered name uses the registry's order.
-    write_arrayrecord.convert(str(src), str(out), split='val', domain='real')
-    assert set(records.read_meta(out)['splits']) == {'train', 'val'}
+    image_folder.convert(str(src), str(out), split='val', domain='real')
+    assert set(layout.read_meta(out)['splits']) == {'train', 'val'}
     pets_src = tmp_path / 'pets'
     for cls in ('yorkshire_terrier', 'Abyssinian'):
         _write(pets_src / cls / 'a.jpg', _jpeg(3))
-    write_arrayrecord.convert(str(pets_src), str(tmp_path / 'pets_synth'), split='train',
+    image_folder.convert(str(pets_src), str(tmp_path / 'pets_synth'), split='train',
                               domain='synth')
-    np.testing.assert_array_equal(records.read_labels(tmp_path / 'pets_synth', 'train'), [0, 36])
+    np.testing.assert_array_equal(layout.read_labels(tmp_path / 'pets_synth', 'train'), [0, 36])
 
 
 def _rgb16() -> bytes:
@@ -354,7 +346,7 @@ def test_bad_inputs(tmp_path, capsys):
     for name, data in {**convertible, **unreadable}.items():
         _write(src / 'b' / name, data)
     out = tmp_path / 'out'
-    assert cli.call(write_arrayrecord, [f'--src={src}', f'--out={out}', '--split=train',
+    assert cli.call(image_folder, [f'--src={src}', f'--out={out}', '--split=train',
                                         '--domain=real']) == 0
     assert f'{len(unreadable)} unreadable' in capsys.readouterr().out
     listed = _unreadable(out, 'train')
@@ -366,16 +358,16 @@ def test_bad_inputs(tmp_path, capsys):
     assert by_id['good.jpg']['image'] == good                     # RGB JPEG: byte for byte
     assert by_id['png_named.jpg']['image'] == convertible['png_named.jpg']  # 8-bit RGB PNG
     for name in convertible:
-        image = transforms.decode_image(by_id[name]['image'])
+        image = records.decode_image(by_id[name]['image'])
         assert image.dtype == np.uint8 and image.shape == (24, 32, 3), name
         if name != 'png_named.jpg':
             assert Image.open(io.BytesIO(by_id[name]['image'])).mode == 'RGB', name
-    sixteen = transforms.decode_image(by_id['sixteen.png']['image'])
+    sixteen = records.decode_image(by_id['sixteen.png']['image'])
     assert sixteen[-1, -1, 0] == round((24 * 32 - 1) * 80 * 255 / 65535)
     # Nothing readable: nothing written, and the command fails.
     only_bad = tmp_path / 'bad'
     _write(only_bad / 'x' / 'empty.jpg', b'')
-    assert cli.call(write_arrayrecord, [f'--src={only_bad}', f'--out={tmp_path}/o', '--split=train',
+    assert cli.call(image_folder, [f'--src={only_bad}', f'--out={tmp_path}/o', '--split=train',
                                         '--domain=real']) == 1
 
 
@@ -400,10 +392,10 @@ class _Killed(BaseException):
 def test_resume_after_kill(tmp_path, monkeypatch):
     src = _folder(tmp_path)
     reference = tmp_path / 'reference'
-    write_arrayrecord.convert(str(src), str(reference), split='train', domain='real',
+    image_folder.convert(str(src), str(reference), split='train', domain='real',
                               records_per_shard=2)
     out = tmp_path / 'out'
-    real_write_shard = shard_import._write_shard
+    real_write_shard = shards._write_shard
     calls, kill_at = [], [2]
 
     def dies_after_one_shard(path, *args, **kwargs):
@@ -412,9 +404,9 @@ def test_resume_after_kill(tmp_path, monkeypatch):
             raise _Killed
         return real_write_shard(path, *args, **kwargs)
 
-    monkeypatch.setattr(shard_import, '_write_shard', dies_after_one_shard)
+    monkeypatch.setattr(shards, '_write_shard', dies_after_one_shard)
     with pytest.raises(_Killed):
-        write_arrayrecord.convert(str(src), str(out), split='train', domain='real',
+        image_folder.convert(str(src), str(out), split='train', domain='real',
                                   records_per_shard=2)
     first = out / 'train-00000-of-00003.array_record'
     stat = os.stat(first)
@@ -422,19 +414,19 @@ def test_resume_after_kill(tmp_path, monkeypatch):
     assert list(progress['shards']) == ['0'] and not (out / 'meta.json').exists()
     calls.clear()
     kill_at.clear()
-    summary = write_arrayrecord.convert(str(src), str(out), split='train', domain='real',
+    summary = image_folder.convert(str(src), str(out), split='train', domain='real',
                                         records_per_shard=2)
     assert len(calls) == 2 and summary['resumed_shards'] == 1
     assert os.stat(first).st_mtime_ns == stat.st_mtime_ns and os.stat(first).st_ino == stat.st_ino
     assert _shards(out) == _shards(reference)
-    assert records.read_meta(out) == {**records.read_meta(reference), 'name': 'out'}
-    np.testing.assert_array_equal(records.read_labels(out, 'train'),
-                                  records.read_labels(reference, 'train'))
+    assert layout.read_meta(out) == {**layout.read_meta(reference), 'name': 'out'}
+    np.testing.assert_array_equal(layout.read_labels(out, 'train'),
+                                  layout.read_labels(reference, 'train'))
     assert not os.path.exists(out / 'train.progress.json')
     assert not [f for f in os.listdir(out) if f.startswith('.tmp')]
     # A re-run after completion writes everything again, identically.
     calls.clear()
-    write_arrayrecord.convert(str(src), str(out), split='train', domain='real',
+    image_folder.convert(str(src), str(out), split='train', domain='real',
                               records_per_shard=2)
     assert len(calls) == 3 and _shards(out) == _shards(reference)
 
@@ -443,9 +435,9 @@ def test_changed_input_starts_over(tmp_path, monkeypatch):
     src = _folder(tmp_path)
     out = tmp_path / 'out'
     for split in ('train', 'val'):
-        write_arrayrecord.convert(str(src), str(out), split=split, domain='real',
+        image_folder.convert(str(src), str(out), split=split, domain='real',
                                   records_per_shard=4)
-    real_write_shard = shard_import._write_shard
+    real_write_shard = shards._write_shard
 
     def dies_on_second(path, *args, **kwargs):
         if '-00001.' in os.path.basename(path):
@@ -454,21 +446,21 @@ def test_changed_input_starts_over(tmp_path, monkeypatch):
 
     # A rewrite with another shard layout dies half-way: the split leaves meta.json at the
     # start, and its old shards and labels go, so no reader sees old and new shards mixed.
-    monkeypatch.setattr(shard_import, '_write_shard', dies_on_second)
+    monkeypatch.setattr(shards, '_write_shard', dies_on_second)
     with pytest.raises(_Killed):
-        write_arrayrecord.convert(str(src), str(out), split='train', domain='real',
+        image_folder.convert(str(src), str(out), split='train', domain='real',
                                   records_per_shard=2)
-    assert set(records.read_meta(out)['splits']) == {'val'}
+    assert set(layout.read_meta(out)['splits']) == {'val'}
     assert sorted(f for f in os.listdir(out) if f.startswith('train')) == [
         'train-00000-of-00003.array_record', 'train.progress.json']
-    monkeypatch.setattr(shard_import, '_write_shard', real_write_shard)
+    monkeypatch.setattr(shards, '_write_shard', real_write_shard)
     _write(src / 'a' / '9.jpg', _jpeg(9))          # the input changed: start over
-    summary = write_arrayrecord.convert(str(src), str(out), split='train', domain='real',
+    summary = image_folder.convert(str(src), str(out), split='train', domain='real',
                                         records_per_shard=2)
     assert summary['resumed_shards'] == 0 and summary['num_examples'] == 7
     assert sorted(f for f in os.listdir(out) if f.startswith('train')) == [
         *(f'train-0000{i}-of-00004.array_record' for i in range(4)), 'train.labels.npy']
-    assert set(records.read_meta(out)['splits']) == {'train', 'val'}
+    assert set(layout.read_meta(out)['splits']) == {'train', 'val'}
 
 
 # TensorFlow Datasets (prepared as array_record, read without TensorFlow).
@@ -491,7 +483,7 @@ def _tfds_builder(tfds, name: str, splits: dict[str, list[dict]]):
 
 def test_tfds(tmp_path):
     tfds = pytest.importorskip('tensorflow_datasets')
-    from sdtl_jax.data import import_tfds
+    from sdtl_jax.datasets import tfds as tfds_importer
 
     mask = _png(np.ones((24, 32), np.uint8))
     pet = lambda i, label, fname: {  # noqa: E731
@@ -511,15 +503,15 @@ def test_tfds(tmp_path):
     })(data_dir=str(tmp_path / 'tfds'), file_format='array_record').download_and_prepare()
 
     pets_out = tmp_path / 'pets_real'
-    assert cli.call(import_tfds, ['--name=oxford_iiit_pet', f'--tfds_data_dir={tmp_path}/tfds',
+    assert cli.call(tfds_importer, ['--name=oxford_iiit_pet', f'--tfds_data_dir={tmp_path}/tfds',
                                   f'--out={pets_out}']) == 0
     got = sorted((r['label'], r['id']) for r in _read_all(pets_out, 'train'))
     assert got == [(0, 'Abyssinian_1.jpg'), (36, 'yorkshire_terrier_2.jpg')]
     assert [r['label'] for r in _read_all(pets_out, 'test')] == [5]
-    assert records.read_meta(pets_out)['classes'] == sources.class_list('pets')
+    assert layout.read_meta(pets_out)['classes'] == sources.class_list('pets')
 
     in_out = tmp_path / 'imagenet100_real'
-    summaries = import_tfds.import_tfds('imagenet2012', str(in_out),
+    summaries = tfds_importer.import_tfds('imagenet2012', str(in_out),
                                         tfds_data_dir=str(tmp_path / 'tfds'))
     train = _read_all(in_out, 'train')
     assert sorted((r['label'], r['id']) for r in train) == [
@@ -536,12 +528,11 @@ def test_tfds(tmp_path):
     assert 'ILSVRC2012_val_00000002.JPEG' in reason
     # Not prepared: the error says what to do.
     with pytest.raises(FileNotFoundError, match='array_record'):
-        import_tfds.import_tfds('oxford_iiit_pet', str(tmp_path / 'x'),
+        tfds_importer.import_tfds('oxford_iiit_pet', str(tmp_path / 'x'),
                                 tfds_data_dir=str(tmp_path / 'empty'))
 
 
 def test_missing_dataset_names_importer(tmp_path):
-    for name, command in (('imagenet100_real', 'import_imagenet100'),
-                          ('pets_real', 'import_pets')):
-        with pytest.raises(FileNotFoundError, match=f'python -m sdtl_jax.data.{command}'):
+    for name, command in (('imagenet100_real', 'imagenet100'), ('pets_real', 'pets')):
+        with pytest.raises(FileNotFoundError, match=f'python -m sdtl_jax.datasets.{command}'):
             sources.resolve(name, tmp_path, 'train')

@@ -5,9 +5,8 @@ decode with the same seed, and the pixels stay well within the resampler's toler
 PIL (test_photometric.py: 2.5 grey levels of mean absolute difference) of the full decode's
 crops.
 Other formats, and JPEGs close to their crops' size, decode in full exactly as before. Images
-over `shard_import.LARGE_IMAGE_PIXELS` get a warning line at import.
+over `images.LARGE_IMAGE_PIXELS` get a warning line at import.
 """
-
 import io
 import re
 
@@ -17,7 +16,9 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from sdtl_jax.data import photometric, records, shard_import, transforms, write_arrayrecord
+from sdtl_jax.data import records
+from sdtl_jax.data.augment import eval_view, multicrop, photometric
+from sdtl_jax.datasets import image_folder, images
 
 # Mean absolute difference per crop from the full decode's: measured 0.3-0.65; a box off by a
 # fraction of a reduced pixel (its fractional offset dropped) gives 1.2-5.
@@ -38,37 +39,37 @@ def _collage(height: int, width: int) -> np.ndarray:
 def large():
     """A 4000 x 3000 photo collage as a quality-90 JPEG, and its full decode."""
     data = records.encode_jpeg(_collage(3000, 4000), quality=90)
-    return data, transforms.decode_image(data)
+    return data, records.decode_image(data)
 
 
 @pytest.fixture
 def factors(monkeypatch):
     """The scale factor of every `decode_jpeg` call."""
-    seen, decode = [], transforms.decode_jpeg
+    seen, decode = [], records.decode_jpeg
 
     def spy(data, size, factor, record_id='?'):
         seen.append(factor)
         return decode(data, size, factor, record_id)
 
-    monkeypatch.setattr(transforms, 'decode_jpeg', spy)
+    monkeypatch.setattr(records, 'decode_jpeg', spy)
     return seen
 
 
 @pytest.fixture
 def boxes(monkeypatch):
     """(height, width, box) of every `random_resized_crop_box` draw."""
-    seen, draw = [], transforms.random_resized_crop_box
+    seen, draw = [], multicrop.random_resized_crop_box
 
     def spy(height, width, scale, ratio, rng):
         box = draw(height, width, scale, ratio, rng)
         seen.append((height, width, box))
         return box
 
-    monkeypatch.setattr(transforms, 'random_resized_crop_box', spy)
+    monkeypatch.setattr(multicrop, 'random_resized_crop_box', spy)
     return seen
 
 
-def full_decode_multicrop(transform: transforms.MultiCrop, image: np.ndarray,
+def full_decode_multicrop(transform: multicrop.MultiCrop, image: np.ndarray,
                           rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list]:
     """MultiCrop as it was before reduced decoding: every crop from the full decode, its box,
     flip and light ops drawn crop by crop. Returns the output and the boxes."""
@@ -81,9 +82,9 @@ def full_decode_multicrop(transform: transforms.MultiCrop, image: np.ndarray,
              transform.local_ops)):
         crops, crop_ops = [], []
         for _ in range(count):
-            box = transforms.random_resized_crop_box(height, width, scale, transform.ratio, rng)
+            box = multicrop.random_resized_crop_box(height, width, scale, transform.ratio, rng)
             drawn.append((height, width, box))
-            crop = transforms.resized_crop(image, box, size)
+            crop = multicrop.resized_crop(image, box, size)
             crops.append(cv2.flip(crop, 1) if rng.random() < transform.flip_p else crop)
             crop_ops.append(photometric.sample(rng, **ops))
         if count:
@@ -106,7 +107,7 @@ def _diffs(got: np.ndarray, want: np.ndarray) -> np.ndarray:
 ])
 def test_reduced_decode_keeps_draws_and_pixels(large, factors, boxes, sizes, seed, factor):
     data, full = large
-    transform = transforms.MultiCrop(global_size=sizes[0], local_size=sizes[1])
+    transform = multicrop.MultiCrop(global_size=sizes[0], local_size=sizes[1])
     rng = np.random.default_rng(seed)
     out = transform.random_map(_record(data), rng)
     assert factors == [factor]                                       # one decode, reduced
@@ -129,12 +130,12 @@ def test_small_jpeg_and_png_decode_in_full_as_before(large, factors):
     and the crops of before, bit for bit."""
     _, full = large
     small = np.ascontiguousarray(full[1000:1375, 2000:2500])                   # 500 x 375
-    cases = [(records.encode_jpeg(small, quality=90), transforms.MultiCrop()),
+    cases = [(records.encode_jpeg(small, quality=90), multicrop.MultiCrop()),
              (records.encode_png(full[:1200, :1600]),
-              transforms.MultiCrop(global_size=64, local_size=32))]
+              multicrop.MultiCrop(global_size=64, local_size=32))]
     for data, transform in cases:
         out = transform.random_map(_record(data), np.random.default_rng(3))
-        want, _ = full_decode_multicrop(transform, transforms.decode_image(data),
+        want, _ = full_decode_multicrop(transform, records.decode_image(data),
                                         np.random.default_rng(3))
         for key in want:
             np.testing.assert_array_equal(out[key], want[key])
@@ -149,61 +150,61 @@ def test_eval_transform_reduced(large, factors, orientation):
     if orientation == 'portrait':
         full = np.ascontiguousarray(full.transpose(1, 0, 2))
         data = records.encode_jpeg(full, quality=90)
-        full = transforms.decode_image(data)
-    out = transforms.EvalTransform().map(_record(data))
+        full = records.decode_image(data)
+    out = eval_view.EvalTransform().map(_record(data))
     assert factors == [4]
-    want = transforms.center_crop(transforms.resize_shorter(Image.fromarray(full), 256), 224)
+    want = eval_view.center_crop(eval_view.resize_shorter(Image.fromarray(full), 256), 224)
     assert out['image'].shape == (224, 224, 3) and out['image'].dtype == np.uint8
     assert _diffs(out['image'][None], np.asarray(want)[None])[0] < TOLERANCE
     # Smaller than 4 x 256 on its shorter side: the full decode, exactly as before.
     small = records.encode_jpeg(full[:1000, :1000], quality=90)
-    out = transforms.EvalTransform().map(_record(small))
-    want = transforms.center_crop(transforms.resize_shorter(transforms.decode_pil(small), 256),
+    out = eval_view.EvalTransform().map(_record(small))
+    want = eval_view.center_crop(eval_view.resize_shorter(records.decode_pil(small), 256),
                                   224)
     np.testing.assert_array_equal(out['image'], np.asarray(want))
 
 
 def test_reduction_factor():
     """Every crop box keeps at least twice its output side along both axes once reduced."""
-    assert transforms.reduction_factor([(3584, 4000, 224)]) == 8      # 3584 = 8 x 2 x 224
-    assert transforms.reduction_factor([(3583, 4000, 224)]) == 4
-    assert transforms.reduction_factor([(4000, 3583, 224)]) == 4      # both axes count
-    assert transforms.reduction_factor([(3584, 4000, 224), (400, 400, 100)]) == 2
-    assert transforms.reduction_factor([(399, 400, 100)]) == 1
+    assert records.reduction_factor([(3584, 4000, 224)]) == 8      # 3584 = 8 x 2 x 224
+    assert records.reduction_factor([(3583, 4000, 224)]) == 4
+    assert records.reduction_factor([(4000, 3583, 224)]) == 4      # both axes count
+    assert records.reduction_factor([(3584, 4000, 224), (400, 400, 100)]) == 2
+    assert records.reduction_factor([(399, 400, 100)]) == 1
 
 
 def test_header_size_and_decode_errors(large, monkeypatch):
     data, full = large
-    assert transforms.jpeg_size(data) == (3000, 4000)
-    image = transforms.decode_jpeg(data, (3000, 4000), 8)
+    assert records.jpeg_size(data) == (3000, 4000)
+    image = records.decode_jpeg(data, (3000, 4000), 8)
     assert image.shape == (375, 500, 3)
     # Pixel i covers the full image's pixels [8 i, 8 i + 8): the means of the blocks.
     blocks = full.reshape(375, 8, 500, 8, 3).mean(axis=(1, 3))
     assert np.abs(image - blocks).mean() < 2
     # PNGs, CMYK and truncated JPEGs have no size for the reduced decode.
-    assert transforms.jpeg_size(records.encode_png(full[:8, :8])) is None
+    assert records.jpeg_size(records.encode_png(full[:8, :8])) is None
     cmyk = io.BytesIO()
     Image.new('CMYK', (8, 8)).save(cmyk, format='JPEG')
-    assert transforms.jpeg_size(cmyk.getvalue()) is None
-    assert transforms.jpeg_size(data[:len(data) // 2]) is None
-    with pytest.raises(transforms.CorruptRecordError, match=r"'big/1'.*header says 4001 x 3000"):
-        transforms.decode_jpeg(data, (3000, 4001), 4, 'big/1')
-    monkeypatch.setattr(transforms.cv2, 'imdecode', lambda *args: None)
-    with pytest.raises(transforms.CorruptRecordError, match=r"'big/2'.*1/8 scale gave nothing"):
-        transforms.decode_jpeg(data, (3000, 4000), 8, 'big/2')
+    assert records.jpeg_size(cmyk.getvalue()) is None
+    assert records.jpeg_size(data[:len(data) // 2]) is None
+    with pytest.raises(records.CorruptRecordError, match=r"'big/1'.*header says 4001 x 3000"):
+        records.decode_jpeg(data, (3000, 4001), 4, 'big/1')
+    monkeypatch.setattr(multicrop.cv2, 'imdecode', lambda *args: None)
+    with pytest.raises(records.CorruptRecordError, match=r"'big/2'.*1/8 scale gave nothing"):
+        records.decode_jpeg(data, (3000, 4000), 8, 'big/2')
 
 
 def test_import_warns_about_large_images(tmp_path, monkeypatch, capsys):
     """One line per image over the pixel limit (lowered here), naming the file, its size and
     what training does with it."""
-    monkeypatch.setattr(shard_import, 'LARGE_IMAGE_PIXELS', 1200 * 1000)
+    monkeypatch.setattr(images, 'LARGE_IMAGE_PIXELS', 1200 * 1000)
     image = _collage(1000, 1300)
     folder = tmp_path / 'src' / 'cat'
     folder.mkdir(parents=True)
     (folder / 'big.jpg').write_bytes(records.encode_jpeg(image))
     (folder / 'big.png').write_bytes(records.encode_png(image))
     (folder / 'ok.jpg').write_bytes(records.encode_jpeg(image[:, :1200]))    # at the limit
-    summary = write_arrayrecord.convert(str(tmp_path / 'src'), str(tmp_path / 'out'),
+    summary = image_folder.convert(str(tmp_path / 'src'), str(tmp_path / 'out'),
                                         split='train', domain='real')
     assert summary['num_examples'] == 3
     lines = sorted(line for line in capsys.readouterr().err.splitlines()

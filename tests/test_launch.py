@@ -83,7 +83,8 @@ def test_generate_multi_gpu_dry_run_on_the_second_of_two_hosts():
     assert len(workers) == 2
     for gpu, line in enumerate(workers):
         index = 2 + gpu       # host 1 of 2, 2 GPUs each: workers 2 and 3 of 4
-        assert line.startswith(f'CUDA_VISIBLE_DEVICES={gpu} {VENV_PYTHON} -m sdtl_jax.generate '
+        assert line.startswith(f'CUDA_VISIBLE_DEVICES={gpu} {VENV_PYTHON} -m '
+                               f'sdtl_jax.datasets.generate '
                                f'--config=configs/generate/imagenet100_sd14.py '
                                f'--outdir=/data/synth --num_workers=4 --worker_index={index} '
                                f'--config.batch_size=32 > /data/synth/logs/worker-00{index}.log')
@@ -126,7 +127,7 @@ def test_generate_slurm_dry_run_for_two_hosts():
         assert line in out
     srun = [line for line in out if line.startswith('srun ')]
     assert len(srun) == 1 and srun[0].endswith(
-        f'{VENV_PYTHON} -m sdtl_jax.generate --config=configs/generate/pets_sdxl.py '
+        f'{VENV_PYTHON} -m sdtl_jax.datasets.generate --config=configs/generate/pets_sdxl.py '
         '--outdir=/shared/pets_synth --config.seed=1')
 
 

@@ -3,7 +3,6 @@
 The fast path (OpenCV geometry on the host, light ops on the device) must give what PIL gives,
 to about a grey level, op by op and composed in a random order.
 """
-
 import io
 
 import jax
@@ -12,7 +11,8 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from sklearn.datasets import load_sample_images
 
-from sdtl_jax.data import photometric, transforms
+from sdtl_jax.data import records
+from sdtl_jax.data.augment import multicrop, photometric
 
 
 @pytest.fixture(scope='module')
@@ -90,7 +90,7 @@ def test_resized_crop_matches_pil_bicubic(photos, box):
                             np.concatenate([photos[2], photos[3]], 1)], 0)   # 96 x 128
     for size in (24, 32, 56):
         top, left, h, w = box
-        got = transforms.resized_crop(image, box, size).astype(np.float64)
+        got = multicrop.resized_crop(image, box, size).astype(np.float64)
         want = np.asarray(Image.fromarray(image).resize(
             (size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)))
         assert got.shape == (size, size, 3)
@@ -101,7 +101,7 @@ def test_tiny_regions_upscale_exactly_as_torchvision(photos):
     """Upscaling by 2x or more (e.g. the demo's 8x8 digits): PIL on the cropped region, as
     torchvision's resized_crop does, bit for bit."""
     region = photos[0][5:13, 7:14]
-    got = transforms.resized_crop(photos[0], (5, 7, 8, 7), 32)
+    got = multicrop.resized_crop(photos[0], (5, 7, 8, 7), 32)
     want = np.asarray(Image.fromarray(np.ascontiguousarray(region)).resize(
         (32, 32), Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(got, want)
@@ -112,14 +112,14 @@ def test_jpeg_fast_path_bit_identical_to_pil(photos):
         buf = io.BytesIO()
         Image.fromarray(photos[0]).convert(mode).save(buf, format='JPEG', quality=90)
         data = buf.getvalue()
-        assert transforms._plain_jpeg(data)
-        np.testing.assert_array_equal(transforms.decode_image(data),
+        assert records._plain_jpeg(data)
+        np.testing.assert_array_equal(records.decode_image(data),
                                       np.asarray(Image.open(io.BytesIO(data)).convert('RGB')))
     # CMYK and truncated JPEGs take PIL's path: converted, or an error naming the record.
     buf = io.BytesIO()
     Image.new('CMYK', (8, 8), (0, 255, 255, 0)).save(buf, format='JPEG')
-    assert not transforms._plain_jpeg(buf.getvalue())
-    assert transforms.decode_image(buf.getvalue()).shape == (8, 8, 3)
-    assert not transforms._plain_jpeg(data[:len(data) // 2])
-    with pytest.raises(transforms.CorruptRecordError, match='truncated/1'):
-        transforms.decode_image(data[:len(data) // 2], 'truncated/1')
+    assert not records._plain_jpeg(buf.getvalue())
+    assert records.decode_image(buf.getvalue()).shape == (8, 8, 3)
+    assert not records._plain_jpeg(data[:len(data) // 2])
+    with pytest.raises(records.CorruptRecordError, match='truncated/1'):
+        records.decode_image(data[:len(data) // 2], 'truncated/1')

@@ -12,7 +12,8 @@ import pytest
 
 from bench import step_common
 from sdtl_jax import config_lib, experiment
-from sdtl_jax.data import augment, input_pipeline, reader, sources, subsets, transforms
+from sdtl_jax.data import input_pipeline, reader, sources, subsets
+from sdtl_jax.data.augment import eval_view, multicrop, pipelines
 
 ROOT = pathlib.Path(__file__).parent.parent
 EVAL_RESIZE, EVAL_CROP = 48, 32     # resize != crop, unlike every shipped config's
@@ -29,9 +30,9 @@ def test_eval_batches_resize_the_shorter_side_then_crop(data_dir):
     batch, = input_pipeline.eval_batches(split, global_batch=8, resize=EVAL_RESIZE,
                                          crop=EVAL_CROP, num_threads=1, indices=indices)
     records = reader.RecordReader(split)
-    expected = [transforms.EvalTransform(EVAL_RESIZE, EVAL_CROP).map(records[i])['image']
+    expected = [eval_view.EvalTransform(EVAL_RESIZE, EVAL_CROP).map(records[i])['image']
                 for i in indices]
-    cropped_only = [transforms.EvalTransform(EVAL_CROP, EVAL_CROP).map(records[i])['image']
+    cropped_only = [eval_view.EvalTransform(EVAL_CROP, EVAL_CROP).map(records[i])['image']
                     for i in indices]
     assert not np.array_equal(expected, cropped_only)   # the two settings are told apart
     np.testing.assert_array_equal(batch['image'], np.stack(expected))
@@ -79,8 +80,8 @@ def test_training_draws_the_stratified_subset_it_is_told_to(stratified_run, data
 
 def test_multicrop_defaults_are_the_training_recipe():
     """Loaders and benchmarks that build MultiCrop() get what training builds from the config."""
-    recipe = augment.build(config_lib.base(data='imagenet100').aug)
-    assert vars(transforms.MultiCrop()) == vars(recipe)
+    recipe = pipelines.build(config_lib.base(data='imagenet100').aug)
+    assert vars(multicrop.MultiCrop()) == vars(recipe)
 
 
 def test_benchmark_crops_come_from_the_config(monkeypatch):

@@ -1,4 +1,4 @@
-"""SD 1.4's architecture with random weights (sdtl_jax.generate.random_sd).
+"""SD 1.4's architecture with random weights (sdtl_jax.datasets.generate.random_sd).
 
 At full size, on a busy 2-core CPU, building and saving it took 40 s, loading it 10 s and two
 64 x 64 images at 2 steps 70 s: too slow for the suite. So the full-size models are
@@ -15,7 +15,7 @@ torch = pytest.importorskip('torch')
 from absl import flags  # noqa: E402
 
 from sdtl_jax import cli  # noqa: E402
-from sdtl_jax.generate import diffusion, random_sd  # noqa: E402
+from sdtl_jax.datasets.generate import diffusion, random_sd  # noqa: E402
 
 # The published SD 1.4 models' sizes (UNet 859.5 M, VAE 83.7 M, CLIP ViT-L/14 text 123.1 M,
 # safety checker: CLIP ViT-L/14 vision 303.2 M + projection and concept embeddings).

@@ -2,14 +2,14 @@
 
 The importers' side of bad data (conversion, unreadable lists) is in test_importers.py.
 """
-
 import os
 
 import numpy as np
 import pytest
 from absl import flags
 
-from sdtl_jax.data import input_pipeline, reader, records, sources, subsets, transforms
+from sdtl_jax.data import input_pipeline, layout, reader, records, sources, subsets
+from sdtl_jax.datasets import shards
 
 flags.FLAGS.mark_as_parsed()
 
@@ -20,12 +20,12 @@ _PNG = records.encode_png(np.full((6, 6, 3), 90, np.uint8))
 
 def _write(dataset_dir, images, labels, *, num_classes=len(CLASSES), records_per_shard=8,
            classes=CLASSES) -> sources.DatasetSplit:
-    with records.ShardWriter(dataset_dir, 'train', num_classes=num_classes,
+    with shards.ShardWriter(dataset_dir, 'train', num_classes=num_classes,
                              records_per_shard=records_per_shard) as writer:
         for i, (image, label) in enumerate(zip(images, labels)):
             writer.write(image, label, f'img{i:05d}')
     info = writer.close()
-    records.write_meta(dataset_dir, 'bad', 'real', [str(c) for c in range(num_classes)],
+    layout.write_meta(dataset_dir, 'bad', 'real', [str(c) for c in range(num_classes)],
                        {'train': info})
     split = sources.split_from_dir(dataset_dir, 'train')
     return sources.DatasetSplit(**{**split.__dict__, 'classes': list(classes)})
@@ -55,7 +55,7 @@ def test_bad_record_stops_training_naming_shard_and_record(tmp_path, bad):
         split = _write(tmp_path, images, labels, num_classes=8)
     else:
         split = _with_bad_record(tmp_path, bad_image)
-    with pytest.raises(transforms.CorruptRecordError) as error:
+    with pytest.raises(records.CorruptRecordError) as error:
         _drain(split)
     message = str(error.value)
     assert 'train-00001-of-00002.array_record, record 3' in message and 'img00011' in message
@@ -81,7 +81,7 @@ def test_skip_corrupt_skips_logs_and_counts(tmp_path):
     batches = list(input_pipeline.eval_batches(split, global_batch=8, resize=8, crop=8,
                                                 skip_corrupt=True, skip_log=log))
     assert len(batches) == 2 and sum(b['mask'].sum() for b in batches) == 15
-    with pytest.raises(transforms.CorruptRecordError, match='record 3'):
+    with pytest.raises(records.CorruptRecordError, match='record 3'):
         list(input_pipeline.eval_batches(split, global_batch=8, resize=8, crop=8))
 
 
@@ -89,7 +89,7 @@ def test_unreadable_shard_is_named_before_training(tmp_path):
     split = _with_bad_record(tmp_path)
     with open(split.files[1], 'r+b') as f:     # damaged inside: the record that reads it fails
         f.write(b'garbage' * 40)
-    with pytest.raises(transforms.CorruptRecordError, match='train-00001-of-00002'):
+    with pytest.raises(records.CorruptRecordError, match='train-00001-of-00002'):
         _drain(split)
     with open(split.files[1], 'wb') as f:      # not an ArrayRecord file at all
         f.write(b'garbage' * 100)
@@ -133,7 +133,7 @@ def test_train_fraction_subset(ten_thousand, tmp_path):
 
 
 def test_stratified_subset_keeps_class_shares(ten_thousand):
-    labels = records.read_labels(os.path.dirname(ten_thousand.files[0]), 'train')
+    labels = layout.read_labels(os.path.dirname(ten_thousand.files[0]), 'train')
     assert labels is not None                     # the writer's sidecar, no records read
     chosen = subsets.select(ten_thousand, fraction=1 / 16, stratify=True, seed=0)
     assert len(chosen) == 625

@@ -21,15 +21,9 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from sdtl_jax import config_lib, evaluate, metrics_io, models, optim, train
-from sdtl_jax.data import (
-    augment,
-    import_imagenet100,
-    import_pets,
-    normalize,
-    photometric,
-    records,
-    transforms,
-)
+from sdtl_jax.data import records
+from sdtl_jax.data.augment import eval_view, multicrop, normalize, photometric, pipelines
+from sdtl_jax.datasets import imagenet100, pets
 
 # --- Section 3: the cosine classifier -----------------------------------------------------------
 
@@ -204,7 +198,7 @@ def _record(image):
 def _paper_multicrop(**sizes):
     aug = _paper_config('imagenet100').aug.to_dict()
     aug.update(sizes)
-    return augment.build(aug)
+    return pipelines.build(aug)
 
 
 def test_multicrop_counts_and_sizes():
@@ -222,7 +216,7 @@ def draws():
     through it, then NUM_EXTRA_GLOBAL through the same config with no local crops. Crops are
     shrunk to 16 / 8 px: no probability, scale or ratio depends on the output size."""
     boxes, flips = [], [0]
-    box_fn, flip_fn = transforms.random_resized_crop_box, cv2.flip
+    box_fn, flip_fn = multicrop.random_resized_crop_box, cv2.flip
 
     def spy_box(height, width, scale, ratio, rng):
         box = box_fn(height, width, scale, ratio, rng)
@@ -237,8 +231,8 @@ def draws():
     image = _record(np.random.default_rng(0).integers(0, 256, (96, 128, 3), np.uint8))
     rng = np.random.default_rng(1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(transforms, 'random_resized_crop_box', spy_box)
-        patch.setattr(transforms.cv2, 'flip', spy_flip)
+        patch.setattr(multicrop, 'random_resized_crop_box', spy_box)
+        patch.setattr(multicrop.cv2, 'flip', spy_flip)
         transform = _paper_multicrop(global_size=16, local_size=8)
         outs = [transform.random_map(image, rng) for _ in range(NUM_DRAWS)]
         assert len(boxes) == NUM_DRAWS * CROPS_PER_IMAGE
@@ -401,7 +395,7 @@ def test_eval_resize_256_bilinear_centre_crop_224(orientation):
     if orientation == 'portrait':
         photo = np.ascontiguousarray(photo.transpose(1, 0, 2))         # 640 x 427
     c = _paper_config('imagenet100')
-    out = transforms.EvalTransform(resize=c.eval.resize, crop=c.eval.crop).map(
+    out = eval_view.EvalTransform(resize=c.eval.resize, crop=c.eval.crop).map(
         {'image': records.encode_png(photo), 'label': 1, 'id': 'spec/eval'})['image']
     # torchvision Resize(256) + CenterCrop(224): 640 x 427 -> 383 x 256, crop from (80, 16).
     size, box = ((383, 256), (80, 16, 304, 240)) if orientation == 'landscape' else (
@@ -452,7 +446,7 @@ def test_results_are_mean_and_std_over_the_last_5_evaluations():
 
 
 @pytest.mark.parametrize('module, split, count', [
-    (import_imagenet100, 'val', 5_000), (import_pets, 'test', 3_669), (import_pets, 'train', 3_680),
+    (imagenet100, 'val', 5_000), (pets, 'test', 3_669), (pets, 'train', 3_680),
 ])
 def test_split_sizes_the_importers_expect(module, split, count):
     """Section 6 and 8: ImageNet-100 val has 5,000 images, Pets test 3,669 and trainval 3,680; the

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from sdtl_jax import config_lib, optim, sharding, train
-from sdtl_jax.data import normalize
+from sdtl_jax.data.augment import normalize
 from sdtl_jax.models import layers
 
 NUM_CLASSES = 10

@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from sdtl_jax.data import demo, sources, subsets
-from sdtl_jax.generate import diffusion
+from sdtl_jax.data import sources, subsets
+from sdtl_jax.datasets import digits
+from sdtl_jax.datasets.generate import diffusion
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -24,7 +25,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     """The demo data, built once here rather than by each command."""
-    return demo.ensure_demo_data(str(tmp_path_factory.mktemp('data')))
+    return digits.ensure_demo_data(str(tmp_path_factory.mktemp('data')))
 
 
 def _changed_seed(workdir, data_dir):
@@ -91,10 +92,10 @@ def _fatal_line(result, phrase):
 
 def test_missing_dataset_names_its_folder_and_the_commands_that_make_it(runs):
     workdir, result = runs['missing_dataset']
-    line = _fatal_line(result, 'write_arrayrecord')     # the way out, once
+    line = _fatal_line(result, 'sdtl_jax.datasets.image_folder')     # the way out, once
     assert line.startswith("FATAL Dataset 'imagenet100_real' (")
     assert f'{workdir}/no_data/imagenet100_real does not exist' in line
-    assert 'python -m sdtl_jax.data.import_imagenet100 --src=<ImageNet-1k folder> ' in line
+    assert 'python -m sdtl_jax.datasets.imagenet100 --src=<ImageNet-1k folder> ' in line
     assert '--config.data.data_dir' in line
 
 

@@ -2,13 +2,13 @@ r"""Synthetic Oxford-IIIT Pet (docs/paper.md §8): Stable Diffusion XL base, 100
 breed, CLIP's pet template "a photo of a <breed>, a type of pet." (the paper's own prompts are
 not published).
 
-  python -m sdtl_jax.generate --config=configs/generate/pets_sdxl.py \
+  python -m sdtl_jax.datasets.generate --config=configs/generate/pets_sdxl.py \
       --outdir=$SDTL_DATA_DIR/pets_synth
 
 Where the paper is silent: 1024 x 1024 (SDXL's native size; it degrades far below it) and the
 ImageNet-100 setting's 50 steps and guidance 2.0 (low guidance keeps the images diverse).
 """
-from sdtl_jax.generate import config
+from sdtl_jax.datasets.generate import config
 
 
 def get_config():

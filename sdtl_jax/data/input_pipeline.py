@@ -37,7 +37,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from sdtl_jax.data import augment, reader, sources, transforms
+from sdtl_jax.data import reader, sources
+from sdtl_jax.data.augment import eval_view, pipelines
 
 # Tags that make the derived seeds of the shuffle and the augmentation independent (the
 # subset's is in subsets.py).
@@ -125,7 +126,7 @@ def train_dataset(split: sources.DatasetSplit, *, global_batch: int, seed: int,
       split: from `sources.resolve`.
       global_batch: batch over all processes; each yields `global_batch // process_count`.
       seed: the run's seed (shuffle and augmentation seeds derive from it).
-      aug: dict-like config of the augmentation (`augment.build`): `name` (default
+      aug: dict-like config of the augmentation (`pipelines.build`): `name` (default
         multi-crop) and its arguments.
       process_index, process_count: `jax.process_index()`, `jax.process_count()`.
       num_threads: decode/augment threads (per worker process).
@@ -144,7 +145,7 @@ def train_dataset(split: sources.DatasetSplit, *, global_batch: int, seed: int,
     batch = _per_process_batch(global_batch, process_count)
     ds = train_records(split, global_batch=global_batch, seed=seed, process_index=process_index,
                        process_count=process_count, indices=indices)
-    transform = reader.SkipCorrupt(augment.build(aug), skip=skip_corrupt, log_path=skip_log,
+    transform = reader.SkipCorrupt(pipelines.build(aug), skip=skip_corrupt, log_path=skip_log,
                                    substitutes=_records(split, indices))
     ds = ds.random_map(transform, seed=_derive_seed(seed, _AUGMENT, process_index))
     # Batches are formed by stream position, before any thread or worker sees them: batch k
@@ -182,7 +183,7 @@ def eval_batches(split: sources.DatasetSplit, *, global_batch: int, resize: int,
     source = _records(split, indices)
     total = num_eval_batches(len(source), global_batch, process_count)
     ds = grain.MapDataset.source(source)[process_index::process_count]
-    transform = reader.SkipCorruptMap(transforms.EvalTransform(resize=resize, crop=crop),
+    transform = reader.SkipCorruptMap(eval_view.EvalTransform(resize=resize, crop=crop),
                                    skip=skip_corrupt, log_path=skip_log)
     ds = ds.map(transform).filter(lambda element: element is not None)
     # Two batches ahead keeps every thread busy without holding many decoded images.

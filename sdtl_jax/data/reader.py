@@ -3,7 +3,7 @@ only when asked to.
 
 `RecordReader` opens every shard up front, so an unreadable shard fails before training with
 its path; each element carries its location ('<shard>, record <i>'), so a record that does not
-decode stops training with an error naming shard and record (`transforms.CorruptRecordError`).
+decode stops training with an error naming shard and record (`records.CorruptRecordError`).
 With `data.skip_corrupt=True`, such records are skipped instead (in training a random readable
 record takes the place in the batch; in evaluation the place becomes padding) and each is
 appended to a log in the workdir (`skipped_records.txt`), which the run counts into its
@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from sdtl_jax import fileio
-from sdtl_jax.data import sources, transforms
+from sdtl_jax.data import records, sources
 
 SKIP_LOG = 'skipped_records.txt'
 
@@ -86,12 +86,12 @@ class _Guard:
     def _guarded(self, apply, element: dict[str, Any], substitute=None) -> Any:
         try:
             if element.get('error'):
-                raise transforms.CorruptRecordError(
+                raise records.CorruptRecordError(
                     f'Cannot read the record at {element["where"]}: {element["error"]}')
             return apply(element)
-        except transforms.CorruptRecordError as e:
+        except records.CorruptRecordError as e:
             if not self.skip:
-                raise transforms.CorruptRecordError(
+                raise records.CorruptRecordError(
                     f'{e}. Re-import the dataset, or set --config.data.skip_corrupt=True to '
                     f'skip such records (each is logged to {SKIP_LOG} in the workdir).') from e
             logging.warning('Skipping a corrupt record: %s', e)
@@ -127,9 +127,9 @@ class SkipCorrupt(_Guard, grain.transforms.RandomMap):
                 continue
             try:
                 return self.transform.random_map(other, rng)
-            except transforms.CorruptRecordError:
+            except records.CorruptRecordError:
                 continue
-        raise transforms.CorruptRecordError(
+        raise records.CorruptRecordError(
             f'{self._MAX_TRIES} random records in a row do not decode (drawn to replace '
             f'{element["where"]}); the dataset is broken: re-import it')
 

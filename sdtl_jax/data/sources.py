@@ -3,7 +3,7 @@
 Each dataset lives in `<data_dir>/<name>/` (meta.json + `<split>-NNNNN-of-MMMMM.array_record`,
 see `records.py`). `data_dir` defaults to `$SDTL_DATA_DIR`, else `~/.cache/sdtl_jax/data`.
 
-- `digits_real`, `digits_synth`: the embedded demo (`demo.py`), built on first use, no download.
+- `digits_real`, `digits_synth`: the embedded demo (`digits.py`), built on first use, no download.
 - `imagenet100_real`, `imagenet100_synth`: ImageNet-100 (CMC class list). Classes are the wnids
   in sorted order, the labels an image-folder loader gives (docs/paper.md §8); real and
   synthetic share them.
@@ -13,11 +13,11 @@ see `records.py`). `data_dir` defaults to `$SDTL_DATA_DIR`, else `~/.cache/sdtl_
   every training split is called `train`, so one config key serves real and synthetic data.
 
 The real data is imported once from the published files (resumable, bad files listed in
-`<split>_unreadable.txt`): `python -m sdtl_jax.data.import_imagenet100` (an ImageNet-1k folder or
-the ILSVRC2012 tars), `python -m sdtl_jax.data.import_pets` (the official archives),
-`python -m sdtl_jax.data.import_tfds` (a TFDS dataset prepared as array_record). Any image
+`<split>_unreadable.txt`): `python -m sdtl_jax.datasets.imagenet100` (an ImageNet-1k folder or
+the ILSVRC2012 tars), `python -m sdtl_jax.datasets.pets` (the official archives),
+`python -m sdtl_jax.datasets.tfds` (a TFDS dataset prepared as array_record). Any image
 folder with one sub-folder per class, e.g. generated images, goes through
-`python -m sdtl_jax.data.write_arrayrecord`.
+`python -m sdtl_jax.datasets.image_folder`.
 """
 
 from __future__ import annotations
@@ -28,27 +28,27 @@ import json
 import os
 from typing import Any
 
-from sdtl_jax.data import records
+from sdtl_jax.data import layout
 from sdtl_jax.errors import UserError
 
 _REFERENCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               'reference')
-# How each non-demo dataset is made into its folder `{out}`, besides write_arrayrecord from an
-# image folder: the real ones imported from their published files, the synthetic generated.
+# How each non-demo dataset is made into its folder `{out}`, besides `datasets/image_folder.py`
+# from an image folder: the real ones imported from their published files, the synthetic generated.
 MAKE_COMMANDS = {
     'imagenet100_real': (
-        'python -m sdtl_jax.data.import_imagenet100 --src=<ImageNet-1k folder> --out={out}',
-        'python -m sdtl_jax.data.import_tfds --name=imagenet2012 --out={out}'),
+        'python -m sdtl_jax.datasets.imagenet100 --src=<ImageNet-1k folder> --out={out}',
+        'python -m sdtl_jax.datasets.tfds --name=imagenet2012 --out={out}'),
     'pets_real': (
-        'python -m sdtl_jax.data.import_pets --src=<folder of the official archives> --out={out}',
-        'python -m sdtl_jax.data.import_tfds --name=oxford_iiit_pet --out={out}'),
+        'python -m sdtl_jax.datasets.pets --src=<folder of the official archives> --out={out}',
+        'python -m sdtl_jax.datasets.tfds --name=oxford_iiit_pet --out={out}'),
     'imagenet100_synth': (
-        'python -m sdtl_jax.generate --config=configs/generate/imagenet100_sd14.py '
+        'python -m sdtl_jax.datasets.generate --config=configs/generate/imagenet100_sd14.py '
         '--outdir={out}',),
     'pets_synth': (
-        'python -m sdtl_jax.generate --config=configs/generate/pets_sdxl.py --outdir={out}',),
+        'python -m sdtl_jax.datasets.generate --config=configs/generate/pets_sdxl.py '
+        '--outdir={out}',),
 }
-DIGIT_NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
@@ -79,7 +79,7 @@ class DatasetInfo:
     family: str               # 'digits' | 'imagenet100' | 'pets'
     domain: str               # 'real' | 'synth'
     splits: tuple[str, ...]   # the splits the experiments read
-    demo: bool                # built on first use by demo.py
+    demo: bool                # built on first use by digits.py
     description: str
 
     @property
@@ -104,12 +104,6 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
 )}
 
 
-def default_data_dir() -> str:
-    """$SDTL_DATA_DIR, else ~/.cache/sdtl_jax/data."""
-    return os.path.expanduser(os.environ.get('SDTL_DATA_DIR')
-                              or os.path.join('~', '.cache', 'sdtl_jax', 'data'))
-
-
 def load_reference(filename: str) -> dict[str, Any]:
     """Parses one of the JSON files in sdtl_jax/reference/."""
     with open(os.path.join(_REFERENCE_DIR, filename)) as f:
@@ -118,8 +112,9 @@ def load_reference(filename: str) -> dict[str, Any]:
 
 @functools.cache
 def _class_list(family: str) -> tuple[str, ...]:
-    if family == 'digits':
-        return tuple(str(d) for d in range(10))
+    if family == 'digits':      # the embedded demo's labels, defined where it is built
+        from sdtl_jax.datasets import digits
+        return digits.CLASSES
     if family == 'imagenet100':
         return tuple(sorted(c['wnid'] for c in load_reference('imagenet100.json')['classes']))
     if family == 'pets':
@@ -145,11 +140,11 @@ def _missing_message(info: DatasetInfo, dataset_dir: str, split: str, problem: s
     it there."""
     make = [f'`{command.format(out=dataset_dir)}`' for command in MAKE_COMMANDS.get(info.name, ())]
     make.append(f'from an image folder with one sub-folder per class ({len(info.classes)} '
-                f'classes, e.g. {info.classes[0]!r}): `python -m sdtl_jax.data.write_arrayrecord '
+                f'classes, e.g. {info.classes[0]!r}): `python -m sdtl_jax.datasets.image_folder '
                 f'--src=<image folder> --out={dataset_dir} --split={split} '
                 f'--domain={info.domain} --name={info.name}`')
     return (f'Dataset {info.name!r} ({info.description}) not found: {problem}; it needs '
-            f'{records.META_FILE} and the shards {split}-NNNNN-of-MMMMM.array_record. Make it: '
+            f'{layout.META_FILE} and the shards {split}-NNNNN-of-MMMMM.array_record. Make it: '
             f'{", or ".join(make)}; or point --config.data.data_dir (or $SDTL_DATA_DIR) at '
             f'the folder that holds {info.name}/')
 
@@ -164,37 +159,38 @@ def resolve(name: str, data_dir: str | os.PathLike | None = None,
     them) when the data is not there.
     """
     info = get(name)
-    data_dir = os.fspath(data_dir) if data_dir else default_data_dir()
+    data_dir = os.fspath(data_dir) if data_dir else layout.default_data_dir()
     dataset_dir = os.path.join(data_dir, name)
     if info.demo:
-        # Imported here: demo pulls in sklearn and matplotlib, which real runs never need.
-        from sdtl_jax.data import demo
+        # Imported here: runs on other data never import the code that builds datasets.
+        from sdtl_jax.datasets import digits
         try:
-            demo.ensure_demo_data(data_dir)
+            digits.ensure_demo_data(data_dir)
         except OSError as e:    # a data_dir that cannot be made or written
             raise DatasetNotFoundError(
                 f'Dataset {name!r} is built on first use in {dataset_dir}, which failed '
                 f'({type(e).__name__}: {e}); point --config.data.data_dir (or $SDTL_DATA_DIR) '
                 'at a folder you can write') from e
     try:
-        meta = records.read_meta(dataset_dir)
+        meta = layout.read_meta(dataset_dir)
     except FileNotFoundError:
         # read_meta's message says how to make any dataset folder; ours, this dataset's.
-        problem = (f'{dataset_dir} has no {records.META_FILE}' if os.path.isdir(dataset_dir)
+        problem = (f'{dataset_dir} has no {layout.META_FILE}' if os.path.isdir(dataset_dir)
                    else f'{dataset_dir} does not exist')
         raise DatasetNotFoundError(_missing_message(info, dataset_dir, split, problem)) from None
-    meta_path = os.path.join(dataset_dir, records.META_FILE)
+    meta_path = os.path.join(dataset_dir, layout.META_FILE)
     if meta['classes'] != info.classes:
         diff = [(i, a, b) for i, (a, b) in enumerate(zip(meta['classes'], info.classes)) if a != b]
         raise DatasetMismatchError(
             f'{meta_path} lists {len(meta["classes"])} classes, the registry has '
             f'{len(info.classes)} for {name!r}; first differences (label, meta.json, registry): '
             f'{diff[:5]}. Labels must follow the registry order (real and synthetic share it): '
-            f'rewrite the shards with write_arrayrecord --name={name}.')
+            f'rewrite the shards with python -m sdtl_jax.datasets.image_folder --name={name}.')
     if meta['domain'] != info.domain:
         raise DatasetMismatchError(f'{meta_path} says domain {meta["domain"]!r}, the registry '
                                    f'says {info.domain!r} for {name!r}; rewrite it with '
-                                   f'write_arrayrecord --domain={info.domain} --name={name}')
+                                   f'python -m sdtl_jax.datasets.image_folder '
+                                   f'--domain={info.domain} --name={name}')
     if split not in meta['splits']:
         raise DatasetNotFoundError(_missing_message(
             info, dataset_dir, split,
@@ -206,8 +202,8 @@ def split_from_dir(dataset_dir: str | os.PathLike, split: str,
                    meta: dict[str, Any] | None = None) -> DatasetSplit:
     """A split of any dataset directory (registered or not), checked for missing shards."""
     dataset_dir = os.fspath(dataset_dir)
-    meta = meta or records.read_meta(dataset_dir)
-    meta_path = os.path.join(dataset_dir, records.META_FILE)
+    meta = meta or layout.read_meta(dataset_dir)
+    meta_path = os.path.join(dataset_dir, layout.META_FILE)
     if split not in meta['splits']:
         raise DatasetNotFoundError(f'{meta_path} has no split {split!r} (it has '
                                    f'{sorted(meta["splits"])})')
@@ -217,7 +213,7 @@ def split_from_dir(dataset_dir: str | os.PathLike, split: str,
     if missing:
         raise DatasetNotFoundError(f'{len(missing)} shard(s) listed in {meta_path} are '
                                    f'missing, e.g. {missing[0]}; rewrite split {split!r} with '
-                                   f'python -m sdtl_jax.data.write_arrayrecord')
+                                   f'python -m sdtl_jax.datasets.image_folder')
     return DatasetSplit(name=meta['name'], split=split, files=files,
                         num_examples=entry['num_examples'], classes=list(meta['classes']),
                         domain=meta['domain'], class_counts=list(entry['class_counts']))

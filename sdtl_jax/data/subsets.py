@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from sdtl_jax import fileio
-from sdtl_jax.data import records, sources
+from sdtl_jax.data import layout, records, sources
 from sdtl_jax.errors import UserError
 
 SUBSET_FILE = 'train_subset.json'
@@ -71,7 +71,7 @@ def split_labels(split: sources.DatasetSplit) -> np.ndarray:
     """The label of every record, from the `<split>.labels.npy` sidecar when the dataset has
     one, else read from the records (datasets written before the sidecar existed)."""
     dataset_dir = os.path.dirname(split.files[0])
-    labels = records.read_labels(dataset_dir, split.split)
+    labels = layout.read_labels(dataset_dir, split.split)
     if labels is not None:
         return np.asarray(labels)
     from sdtl_jax.data import reader

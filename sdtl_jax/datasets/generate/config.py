@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import ml_collections
 
-from sdtl_jax.data import generator as generator_lib
-from sdtl_jax.generate import diffusion, prompts
+from sdtl_jax.datasets.generate import diffusion, prompts
+from sdtl_jax.datasets.generate import generator as generator_lib
 
 FAMILIES = {'imagenet100': 'imagenet100_synth', 'pets': 'pets_synth'}
 
 
 def base(family: str) -> ml_collections.ConfigDict:
-    """Every setting of `python -m sdtl_jax.generate`, with SD 1.4 / ImageNet-100 defaults."""
+    """Every setting of `python -m sdtl_jax.datasets.generate`, with SD 1.4 / ImageNet-100
+    defaults."""
     c = ml_collections.ConfigDict()
     # What to generate.
     c.family = family                  # class list and label order: 'imagenet100' | 'pets'

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from sdtl_jax.data import generator as generator_lib
+from sdtl_jax.datasets.generate import generator as generator_lib
 
 DTYPES = ('auto', 'float32', 'float16', 'bfloat16')
 ATTENTION = ('sdpa', 'default')

@@ -10,10 +10,10 @@ asks it for every requested (class, index) and stores the images as ArrayRecord 
   (`GenerationRequest.seed_for`) and its record holds the seed finally used;
 - the requests are planned into shards of `requests_per_shard` consecutive requests
   (class-major), so shard names and contents are known up front. Worker w of W writes the shards
-  i with i % W == w (`--num_workers/--worker_index` of `python -m sdtl_jax.generate`), each under
-  a temporary name, then its summary `<shard>.json`, then renames the shard: a finished shard is
-  one whose final name exists. Killed at any moment and re-run, a worker redoes only unfinished
-  shards, so no (class, index) is missing or duplicated;
+  i with i % W == w (`--num_workers/--worker_index` of `python -m sdtl_jax.datasets.generate`),
+  each under a temporary name, then its summary `<shard>.json`, then renames the shard: a
+  finished shard is one whose final name exists. Killed at any moment and re-run, a worker
+  redoes only unfinished shards, so no (class, index) is missing or duplicated;
 - `<split>.plan.json` records what is being generated; a re-run with other settings is refused
   (naming the differing keys) instead of mixing two datasets in one directory;
 - when every shard exists, `merge` (run by whichever worker finishes last, or on its own) writes
@@ -39,7 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from sdtl_jax import fileio, metrics_io
-from sdtl_jax.data import records
+from sdtl_jax.data import layout, records
 
 PLAN_VERSION = 1
 IMAGE_FORMATS = ('png', 'jpeg')
@@ -154,7 +154,7 @@ def make_plan(requests: Sequence[GenerationRequest], *, name: str, classes: Sequ
     return {'version': PLAN_VERSION, 'name': name, 'split': split, 'classes': list(classes),
             'num_requests': len(requests), 'requests_sha256': h.hexdigest(),
             'requests_per_shard': requests_per_shard, 'num_shards': num_shards,
-            'files': [records.shard_name(split, i, num_shards) for i in range(num_shards)],
+            'files': [layout.shard_name(split, i, num_shards) for i in range(num_shards)],
             'settings': json.loads(json.dumps(dict(settings))),
             'versions': dict(versions or {})}
 
@@ -189,13 +189,13 @@ def _check_plan(out_dir: str, plan: Mapping[str, Any], overwrite: bool) -> None:
 
 def _remove_split(out_dir: str, plan: Mapping[str, Any]) -> None:
     split = plan['split']
-    if os.path.exists(os.path.join(out_dir, records.META_FILE)):
-        with open(os.path.join(out_dir, records.META_FILE)) as f:
+    if os.path.exists(os.path.join(out_dir, layout.META_FILE)):
+        with open(os.path.join(out_dir, layout.META_FILE)) as f:
             meta = json.load(f)
-        records.remove_split(out_dir, name=meta['name'], domain=meta['domain'],
+        layout.remove_split(out_dir, name=meta['name'], domain=meta['domain'],
                              classes=meta['classes'], split=split)
     for filename in os.listdir(out_dir):
-        if (records.is_shard_of(split, filename) or records.is_temporary_shard(split, filename)
+        if (layout.is_shard_of(split, filename) or layout.is_temporary_shard(split, filename)
                 or filename.startswith(f'{split}-') and filename.endswith('.array_record.json')
                 or filename in (f'{split}.plan.json', f'{split}.summary.json',
                                 f'{split}.labels.npy')):
@@ -233,7 +233,7 @@ def _write_shard(path: str, requests: Sequence[GenerationRequest], generator: Ge
     labels: list[int] = []
     resamples: dict[str, int] = {}
     pending: collections.deque = collections.deque()
-    writer = array_record_module.ArrayRecordWriter(path, records.WRITER_OPTIONS)
+    writer = array_record_module.ArrayRecordWriter(path, layout.WRITER_OPTIONS)
 
     def write_ready(block: bool) -> None:
         while pending and (block or pending[0][1].done()):
@@ -275,7 +275,7 @@ def write_generated_split(generator: Generator, requests: Sequence[GenerationReq
                           out_dir: str | os.PathLike, name: str, classes: Sequence[str],
                           split: str = 'train', settings: Mapping[str, Any] | None = None,
                           versions: Mapping[str, str] | None = None,
-                          requests_per_shard: int = records.DEFAULT_RECORDS_PER_SHARD,
+                          requests_per_shard: int = layout.DEFAULT_RECORDS_PER_SHARD,
                           batch_size: int = 64, image_format: str = 'png',
                           jpeg_quality: int = 95, num_workers: int = 1, worker_index: int = 0,
                           encode_threads: int = 2, overwrite: bool = False,
@@ -300,7 +300,7 @@ def write_generated_split(generator: Generator, requests: Sequence[GenerationReq
       The merged split summary (see `merge`) when all shards are finished, else None.
     """
     out_dir = os.fspath(out_dir)
-    records.check_split_name(split)
+    layout.check_split_name(split)
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f'image_format must be one of {IMAGE_FORMATS}, got {image_format!r}')
     if requests_per_shard < 1 or batch_size < 1:
@@ -319,7 +319,7 @@ def write_generated_split(generator: Generator, requests: Sequence[GenerationReq
     done = set(finished_shards(out_dir, plan))
     todo = [i for i in mine if i not in done]
     for filename in os.listdir(out_dir):   # this worker's leftovers from a killed run
-        if any(records.is_temporary_shard(split, filename, i) for i in todo):
+        if any(layout.is_temporary_shard(split, filename, i) for i in todo):
             os.remove(os.path.join(out_dir, filename))
 
     def shard_requests(i: int) -> Sequence[GenerationRequest]:
@@ -334,7 +334,7 @@ def write_generated_split(generator: Generator, requests: Sequence[GenerationReq
             concurrent.futures.ThreadPoolExecutor(encode_threads) as encoder:
         for i in todo:
             final = os.path.join(out_dir, plan['files'][i])
-            tmp = os.path.join(out_dir, records.temporary_shard_name(split, i))
+            tmp = os.path.join(out_dir, layout.temporary_shard_name(split, i))
             # The summary is written before the shard gets its final name, which marks it done.
             with fileio.atomic_path(final, tmp):
                 summary = _write_shard(tmp, shard_requests(i), generator, name=name,
@@ -397,10 +397,10 @@ def merge(out_dir: str | os.PathLike, split: str = 'train', *,
         if len(labels) != plan['num_requests']:
             raise ValueError(f'{out_dir}: shards hold {len(labels)} records, the plan '
                              f'{plan["num_requests"]}; re-run with --overwrite')
-        counts = records.class_counts(labels, len(plan['classes']))
+        counts = layout.class_counts(labels, len(plan['classes']))
         info = {'files': plan['files'], 'num_examples': len(labels), 'class_counts': counts}
-        records.write_labels(out_dir, split, labels)
-        records.add_split(out_dir, name=plan['name'], domain='synth', classes=plan['classes'],
+        layout.write_labels(out_dir, split, labels)
+        layout.add_split(out_dir, name=plan['name'], domain='synth', classes=plan['classes'],
                           split=split, info=info)
         summary = {'name': plan['name'], 'split': split, **info,
                    'resamples': resamples.tolist(), 'num_resamples': int(resamples.sum()),
@@ -433,7 +433,7 @@ def write_generated_dataset(generator: Generator, *, classes: Sequence[str],
                             prompts: Sequence[str], images_per_class: int,
                             out_dir: str | os.PathLike, name: str, seed: int,
                             split: str = 'train', chunk_size: int = 64,
-                            records_per_shard: int = records.DEFAULT_RECORDS_PER_SHARD,
+                            records_per_shard: int = layout.DEFAULT_RECORDS_PER_SHARD,
                             verbose: bool = False) -> dict[str, Any]:
     """`images_per_class` PNG images of every class, in one process (the demo's synthetic data).
 
