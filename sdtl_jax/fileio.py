@@ -97,10 +97,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def write_json(path: str | os.PathLike, value: Any) -> None:
+def write_json(path: str | os.PathLike, value: Any, *, compact: bool = False) -> None:
     """Indented, with sorted keys and a final newline: files that read and diff well, the same
-    bytes for the same value. Atomic, as `write_bytes`."""
-    write_text(path, json.dumps(value, indent=2, sort_keys=True) + '\n')
+    bytes for the same value. `compact` (one line) is for bookkeeping that holds long lists and
+    is rewritten often (an import's progress, a shard's labels). Atomic, as `write_bytes`."""
+    text = (json.dumps(value, sort_keys=True, separators=(',', ':')) if compact
+            else json.dumps(value, indent=2, sort_keys=True))
+    write_text(path, text + '\n')
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:

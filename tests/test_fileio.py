@@ -45,9 +45,11 @@ def test_atomic_path_with_a_named_temporary_file(tmp_path):
     assert final.read_bytes() == b'records'
 
 
-def test_write_json_is_indented_sorted_and_ends_with_a_newline(tmp_path):
+def test_write_json_is_sorted_indented_or_compact_and_ends_with_a_newline(tmp_path):
     path = tmp_path / 'sub' / 'results.json'     # folders are made
     fileio.write_json(path, {'b': [1, 2], 'a': {'y': 1.5, 'x': None}})
     assert path.read_text() == ('{\n  "a": {\n    "x": null,\n    "y": 1.5\n  },\n'
                                 '  "b": [\n    1,\n    2\n  ]\n}\n')
     assert json.loads(path.read_text()) == {'b': [1, 2], 'a': {'y': 1.5, 'x': None}}
+    fileio.write_json(path, {'b': [1, 2], 'a': 'x'}, compact=True)
+    assert path.read_text() == '{"a":"x","b":[1,2]}\n'

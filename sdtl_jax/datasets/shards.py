@@ -1,4 +1,12 @@
-r"""Writing shards: the resumable, planned, parallel writer of every importer, and `ShardWriter`.
+r"""Writing shards: the one engine every writer of a dataset uses.
+
+- `write_planned`: shards named up front, each written under a temporary name and renamed when
+  complete, so a finished shard is one whose final name exists; `ordered_map` produces the
+  records in parallel and in order; `publish_split` writes the labels, then the meta.json entry
+  that makes the split visible. The importers (`write_split`, below) and the Stable Diffusion
+  generator (`generate/generator.py`, which adds workers and a merge) are built on them.
+- `ShardWriter`: a small split written in one go (the digits demo, benchmarks), its shard count
+  known only at the end.
 
 An importer lists its inputs as `Item`s (a file, a tar member, a TFDS record) in a fixed order,
 and gives a `load(item)` that returns the record to store. `write_split` then
@@ -29,13 +37,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import tqdm
 from absl import flags
@@ -47,7 +56,76 @@ from sdtl_jax.datasets.images import Example, Item, Skip
 from sdtl_jax.errors import UserError
 
 PROGRESS_VERSION = 1
+T = TypeVar('T')
 
+
+# --- The engine: shards planned up front, each written under a temporary name and renamed when
+# complete (a finished shard is one whose final name exists), records produced in parallel and
+# written in order, and the split published (labels, then meta.json) when all are there.
+
+def write_planned(out_dir: str, split: str, files: Sequence[str], todo: Iterable[int],
+                  fill: Callable[[int, Any], T],
+                  finished: Callable[[int, T], None] = lambda index, summary: None) -> None:
+    """Writes the shards `todo` of a split whose shard names are `files`, one after another.
+
+    `fill(index, path)` writes shard `index` to `path`, its temporary name (with `open_shard`),
+    and whatever must exist before the shard counts as finished, and returns its summary; the
+    shard gets its final name only when `fill` returns, and then `finished(index, summary)` runs.
+    A `fill` that raises leaves no file. Leftovers of killed writes of these shards are removed
+    first.
+    """
+    todo = list(todo)
+    for filename in os.listdir(out_dir):
+        if any(layout.is_temporary_shard(split, filename, i) for i in todo):
+            os.remove(os.path.join(out_dir, filename))
+    for index in todo:
+        tmp = os.path.join(out_dir, layout.temporary_shard_name(split, index))
+        with fileio.atomic_path(os.path.join(out_dir, files[index]), tmp):
+            summary = fill(index, tmp)
+        finished(index, summary)
+
+
+@contextlib.contextmanager
+def open_shard(path: str):
+    """An ArrayRecord writer on `path` with the shards' options, closed when the block ends."""
+    from array_record.python import array_record_module
+
+    writer = array_record_module.ArrayRecordWriter(path, layout.WRITER_OPTIONS)
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
+def ordered_map(pool: concurrent.futures.Executor, fn: Callable[[Any], T], items: Iterable[Any],
+                window: int) -> Iterator[tuple[Any, T]]:
+    """(item, fn(item)) in the order of `items`, computed on `pool` with at most `window` items
+    in flight: the threads stay busy while memory holds only `window` unwritten results.
+    `items` may be lazy (a generator producing them batch by batch keeps producing while the
+    pool works)."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) >= window:
+            item, future = pending.popleft()
+            yield item, future.result()
+    while pending:
+        item, future = pending.popleft()
+        yield item, future.result()
+
+
+def publish_split(out_dir: str, *, name: str, domain: str, classes: Sequence[str], split: str,
+                  files: Sequence[str], labels: Sequence[int]) -> dict[str, Any]:
+    """Writes `<split>.labels.npy`, then the split's meta.json entry, which makes it visible to
+    readers; returns that entry."""
+    info = {'files': list(files), 'num_examples': len(labels),
+            'class_counts': layout.class_counts(labels, len(classes))}
+    layout.write_labels(out_dir, split, labels)
+    layout.add_split(out_dir, name=name, domain=domain, classes=classes, split=split, info=info)
+    return info
+
+
+# --- Importers: a list of inputs -> a split, resumable through <split>.progress.json.
 
 def fingerprint(items: Iterable[Item], problems: Sequence[tuple[str, str]],
                 settings: Mapping[str, Any]) -> str:
@@ -109,31 +187,13 @@ def _reason(e: Exception) -> str:
     return f'{type(e).__name__}: {e}'.replace('\n', ' ').replace('\t', ' ')
 
 
-def _ordered(pool: concurrent.futures.Executor, fn: Callable, items: Sequence[Item],
-             window: int) -> Iterator[tuple[Item, Any]]:
-    """(item, fn(item)) in order, with at most `window` items in flight: the threads stay busy
-    while memory holds only `window` loaded-but-unwritten images."""
-    pending: collections.deque = collections.deque()
-    for item in items:
-        pending.append((item, pool.submit(fn, item)))
-        if len(pending) >= window:
-            item, future = pending.popleft()
-            yield item, future.result()
-    while pending:
-        item, future = pending.popleft()
-        yield item, future.result()
-
-
 def _write_shard(path: str, items: Sequence[Item], load: Callable[[Item], Example],
                  pool: concurrent.futures.Executor, window: int, num_classes: int,
                  bar: tqdm.tqdm, unreadable_before: int) -> dict[str, Any]:
     """Writes the records of `items` to `path`; returns the shard's progress entry."""
-    from array_record.python import array_record_module
-
     labels, unreadable, skipped = [], [], {}
-    writer = array_record_module.ArrayRecordWriter(path, layout.WRITER_OPTIONS)
-    try:
-        for item, result in _ordered(pool, lambda it: _load_one(load, it), items, window):
+    with open_shard(path) as writer:
+        for item, result in ordered_map(pool, lambda it: _load_one(load, it), items, window):
             if isinstance(result, Skip):
                 skipped[str(result)] = skipped.get(str(result), 0) + 1
             elif isinstance(result, str):
@@ -154,8 +214,6 @@ def _write_shard(path: str, items: Sequence[Item], load: Callable[[Item], Exampl
             bar.update()
             if isinstance(result, str):
                 bar.set_postfix(unreadable=unreadable_before + len(unreadable), refresh=False)
-    finally:
-        writer.close()
     return {'labels': labels, 'unreadable': unreadable, 'skipped': skipped}
 
 
@@ -200,10 +258,6 @@ def write_split(out_dir: str | os.PathLike, items: Sequence[Item], *, name: str,
     if done is None:
         _start_fresh(out_dir, split, name=name, domain=domain, classes=classes)
         done = {}
-    else:
-        for filename in os.listdir(out_dir):
-            if layout.is_temporary_shard(split, filename):
-                os.remove(os.path.join(out_dir, filename))
     todo = [i for i in range(num_shards) if str(i) not in done]
     resumed = num_shards - len(todo)
     start = time.time()
@@ -213,16 +267,19 @@ def write_split(out_dir: str | os.PathLike, items: Sequence[Item], *, name: str,
                               unit='img', dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
                               postfix={'unreadable': num_unreadable})
     with bar, concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        for index in todo:
+        def fill(index: int, path: str) -> dict[str, Any]:
             part = items[index * items_per_shard:(index + 1) * items_per_shard]
-            tmp = os.path.join(out_dir, layout.temporary_shard_name(split, index))
-            with fileio.atomic_path(os.path.join(out_dir, files[index]), tmp):
-                info = _write_shard(tmp, part, load, pool, 4 * num_threads, len(classes), bar,
-                                    num_unreadable)
+            return _write_shard(path, part, load, pool, 4 * num_threads, len(classes), bar,
+                                num_unreadable)
+
+        def finished(index: int, info: dict[str, Any]) -> None:
+            nonlocal num_unreadable
             done[str(index)] = {'file': files[index], **info}
             num_unreadable += len(info['unreadable'])
             fileio.write_json(progress_path, {'fingerprint': expected, 'num_shards': num_shards,
-                                              'shards': done})
+                                              'shards': done}, compact=True)
+
+        write_planned(out_dir, split, files, todo, fill, finished)
     return _finish(out_dir, [done[str(i)] for i in range(num_shards)], problems, name=name,
                    domain=domain, classes=classes, split=split, num_items=len(items),
                    resumed=resumed, num_read=len(items) - initial, seconds=time.time() - start)
@@ -239,7 +296,6 @@ def _finish(out_dir: str, shards: list[dict[str, Any]], problems: Sequence[tuple
     for shard in shards:
         for reason, count in shard['skipped'].items():
             skipped[reason] = skipped.get(reason, 0) + count
-    layout.write_labels(out_dir, split, labels)
     unreadable_path = _unreadable_path(out_dir, split)
     if unreadable:
         # One line per input, whatever its name (records.printable): a name that is not UTF-8
@@ -249,9 +305,8 @@ def _finish(out_dir: str, shards: list[dict[str, Any]], problems: Sequence[tuple
                          for source, reason in unreadable)
     elif os.path.exists(unreadable_path):
         os.remove(unreadable_path)
-    info = {'files': [s['file'] for s in shards], 'num_examples': len(labels),
-            'class_counts': layout.class_counts(labels, len(classes))}
-    layout.add_split(out_dir, name=name, domain=domain, classes=classes, split=split, info=info)
+    info = publish_split(out_dir, name=name, domain=domain, classes=classes, split=split,
+                         files=[s['file'] for s in shards], labels=labels)
     os.remove(_progress_path(out_dir, split))
     rate = (num_read / seconds) if seconds > 0 else 0.0
     line = (f'[{name}/{split}] {len(labels):,} records in {len(shards)} shards from '

@@ -1,6 +1,6 @@
 """Generated datasets: the generator interface and the resumable, shardable writer.
 
-A `Generator` (the demo's font renderer, `generate.diffusion.DiffusionGenerator`) turns
+A `Generator` (the demo's font renderer, `diffusion.DiffusionGenerator`) turns
 `GenerationRequest`s (class, prompt, seed) into images plus provenance. `write_generated_split`
 asks it for every requested (class, index) and stores the images as ArrayRecord records whose
 `meta` is the provenance, so any image can be regenerated from its record:
@@ -10,10 +10,11 @@ asks it for every requested (class, index) and stores the images as ArrayRecord 
   (`GenerationRequest.seed_for`) and its record holds the seed finally used;
 - the requests are planned into shards of `requests_per_shard` consecutive requests
   (class-major), so shard names and contents are known up front. Worker w of W writes the shards
-  i with i % W == w (`--num_workers/--worker_index` of `python -m sdtl_jax.datasets.generate`),
-  each under a temporary name, then its summary `<shard>.json`, then renames the shard: a
-  finished shard is one whose final name exists. Killed at any moment and re-run, a worker
-  redoes only unfinished shards, so no (class, index) is missing or duplicated;
+  i with i % W == w (`--num_workers/--worker_index` of `python -m sdtl_jax.datasets.generate`)
+  with `shards.write_planned`, the importers' engine: each under a temporary name, then its
+  summary `<shard>.json`, then renamed; a finished shard is one whose final name exists.
+  Killed at any moment and re-run, a worker redoes only unfinished shards, so no (class,
+  index) is missing or duplicated;
 - `<split>.plan.json` records what is being generated; a re-run with other settings is refused
   (naming the differing keys) instead of mixing two datasets in one directory;
 - when every shard exists, `merge` (run by whichever worker finishes last, or on its own) writes
@@ -23,7 +24,6 @@ asks it for every requested (class, index) and stores the images as ArrayRecord 
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -33,13 +33,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from sdtl_jax import fileio, metrics_io
 from sdtl_jax.data import layout, records
+from sdtl_jax.datasets import shards
 
 PLAN_VERSION = 1
 IMAGE_FORMATS = ('png', 'jpeg')
@@ -223,51 +224,46 @@ def _write_shard(path: str, requests: Sequence[GenerationRequest], generator: Ge
                  name: str, split: str, num_classes: int, batch_size: int, image_format: str,
                  jpeg_quality: int, encoder: concurrent.futures.Executor,
                  progress: Callable[[int], None]) -> dict[str, Any]:
-    """Generates and writes the records of one shard; returns its summary.
+    """Generates the records of one shard and writes them to `path`; returns its summary.
 
     Encoding (PNG/JPEG) runs on `encoder`'s threads while the generator works on the next batch;
     records are written in request order.
     """
-    from array_record.python import array_record_module
-
     labels: list[int] = []
     resamples: dict[str, int] = {}
-    pending: collections.deque = collections.deque()
-    writer = array_record_module.ArrayRecordWriter(path, layout.WRITER_OPTIONS)
 
-    def write_ready(block: bool) -> None:
-        while pending and (block or pending[0][1].done()):
-            request, future, provenance = pending.popleft()
-            writer.write(records.encode_record(future.result(), request.class_index,
-                                               record_id(name, split, request), provenance))
-            labels.append(request.class_index)
-
-    try:
+    def generated() -> Iterator[tuple[GenerationRequest, np.ndarray, dict[str, Any]]]:
         for lo in range(0, len(requests), batch_size):
             batch = requests[lo:lo + batch_size]
             images = generator.generate(batch)
             if len(images) != len(batch):
                 raise ValueError(f'{generator.name} returned {len(images)} images for '
                                  f'{len(batch)} requests')
-            for request, generated in zip(batch, images):
+            for request, result in zip(batch, images):
                 if not 0 <= request.class_index < num_classes:
                     raise ValueError(f'class {request.class_index} outside [0, {num_classes})')
-                image = _check_image(generated.image, request)
+                image = _check_image(result.image, request)
                 provenance = {'generator': generator.name, 'prompt': request.prompt,
                               'seed': request.seed, 'class': request.class_index,
                               'class_name': request.class_name, 'index': request.index,
-                              **generated.provenance}
+                              **result.provenance}
                 count = int(provenance.get('resamples', 0))
                 if count:
                     key = str(request.class_index)
                     resamples[key] = resamples.get(key, 0) + count
-                pending.append((request, encoder.submit(encode_image, image, image_format,
-                                                        jpeg_quality), provenance))
-            write_ready(block=False)
+                yield request, image, provenance
             progress(len(batch))
-        write_ready(block=True)
-    finally:
-        writer.close()
+
+    def encode(item) -> bytes:
+        return encode_image(item[1], image_format, jpeg_quality)
+
+    # A window of two batches: one being encoded while the generator makes the next.
+    with shards.open_shard(path) as writer:
+        for (request, _, provenance), encoded in shards.ordered_map(encoder, encode, generated(),
+                                                                     2 * batch_size):
+            writer.write(records.encode_record(encoded, request.class_index,
+                                               record_id(name, split, request), provenance))
+            labels.append(request.class_index)
     return {'labels': labels, 'resamples': resamples}
 
 
@@ -318,9 +314,6 @@ def write_generated_split(generator: Generator, requests: Sequence[GenerationReq
     mine = worker_shards(plan['num_shards'], num_workers, worker_index)
     done = set(finished_shards(out_dir, plan))
     todo = [i for i in mine if i not in done]
-    for filename in os.listdir(out_dir):   # this worker's leftovers from a killed run
-        if any(layout.is_temporary_shard(split, filename, i) for i in todo):
-            os.remove(os.path.join(out_dir, filename))
 
     def shard_requests(i: int) -> Sequence[GenerationRequest]:
         return requests[i * requests_per_shard:(i + 1) * requests_per_shard]
@@ -332,17 +325,17 @@ def write_generated_split(generator: Generator, requests: Sequence[GenerationReq
                              unit='img', dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
                              disable=not verbose) as bar, \
             concurrent.futures.ThreadPoolExecutor(encode_threads) as encoder:
-        for i in todo:
-            final = os.path.join(out_dir, plan['files'][i])
-            tmp = os.path.join(out_dir, layout.temporary_shard_name(split, i))
-            # The summary is written before the shard gets its final name, which marks it done.
-            with fileio.atomic_path(final, tmp):
-                summary = _write_shard(tmp, shard_requests(i), generator, name=name,
-                                       split=split, num_classes=len(classes),
-                                       batch_size=batch_size, image_format=image_format,
-                                       jpeg_quality=jpeg_quality, encoder=encoder,
-                                       progress=bar.update)
-                fileio.write_json(_shard_summary_path(out_dir, plan['files'][i]), summary)
+        def fill(i: int, path: str) -> None:
+            summary = _write_shard(path, shard_requests(i), generator, name=name, split=split,
+                                   num_classes=len(classes), batch_size=batch_size,
+                                   image_format=image_format, jpeg_quality=jpeg_quality,
+                                   encoder=encoder, progress=bar.update)
+            # Before the shard gets its final name, which marks it finished.
+            fileio.write_json(_shard_summary_path(out_dir, plan['files'][i]), summary,
+                              compact=True)
+
+        # This worker's shards only: the other workers write theirs into the same folder.
+        shards.write_planned(out_dir, split, plan['files'], todo, fill)
     left = plan['num_shards'] - len(finished_shards(out_dir, plan))
     if left:
         if verbose:
@@ -397,11 +390,9 @@ def merge(out_dir: str | os.PathLike, split: str = 'train', *,
         if len(labels) != plan['num_requests']:
             raise ValueError(f'{out_dir}: shards hold {len(labels)} records, the plan '
                              f'{plan["num_requests"]}; re-run with --overwrite')
-        counts = layout.class_counts(labels, len(plan['classes']))
-        info = {'files': plan['files'], 'num_examples': len(labels), 'class_counts': counts}
-        layout.write_labels(out_dir, split, labels)
-        layout.add_split(out_dir, name=plan['name'], domain='synth', classes=plan['classes'],
-                          split=split, info=info)
+        info = shards.publish_split(out_dir, name=plan['name'], domain='synth',
+                                    classes=plan['classes'], split=split, files=plan['files'],
+                                    labels=labels)
         summary = {'name': plan['name'], 'split': split, **info,
                    'resamples': resamples.tolist(), 'num_resamples': int(resamples.sum()),
                    'settings': plan['settings'], 'versions': plan['versions']}
