@@ -84,7 +84,7 @@ def check_run(workdir: str) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class LoadedRun:
     """A finished run, ready to compute features: its config, model and weights."""
     workdir: str
     label: str
@@ -98,7 +98,7 @@ class Run:
         return tuple(self.model.layer_names())
 
 
-def load_run(workdir: str, label: str) -> Run:
+def load_run(workdir: str, label: str) -> LoadedRun:
     """Loads a finished run's config.json and the weights of its last checkpoint.
 
     The model computes in float32 whatever dtype the run trained in: both models' features are
@@ -119,7 +119,7 @@ def load_run(workdir: str, label: str) -> Run:
     variables = {'params': params}
     if batch_stats:
         variables['batch_stats'] = batch_stats
-    return Run(workdir=workdir, label=label, config=config, results=results, model=model,
+    return LoadedRun(workdir=workdir, label=label, config=config, results=results, model=model,
                variables=jax.device_put(variables))
 
 
@@ -163,7 +163,7 @@ def image_batches(split: sources.DatasetSplit, indices: np.ndarray, *, batch: in
                                        indices=indices)
 
 
-def extract(runs: Sequence[Run], split: sources.DatasetSplit, indices: np.ndarray, *,
+def extract(runs: Sequence[LoadedRun], split: sources.DatasetSplit, indices: np.ndarray, *,
             batch: int, resize: int, crop: int,
             desc: str) -> tuple[list[list[np.ndarray]], np.ndarray]:
     """Feeds each batch through every run; returns ([run][layer] -> float32 [n, d], labels)."""
@@ -258,7 +258,7 @@ def analyze(a: str, b: str, out: str, *, data_dir: str | None = None, max_images
         for layer in layers:
             layer['probe_top1_a'] = layer['probe_top1_b'] = None
 
-    def describe(run: Run) -> dict[str, Any]:
+    def describe(run: LoadedRun) -> dict[str, Any]:
         return {'label': run.label, 'workdir': fileio.absolute(run.workdir),
                 'model': run.config.model.name, 'train_data': run.config.data.train,
                 'top1_mean': run.results.get('top1_mean')}

@@ -25,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sdtl_jax import fileio, freeze, metrics_io, workdir_guard
+from sdtl_jax import fileio, layer_trees, metrics_io, workdir_guard
 from sdtl_jax.errors import UserError
 
 # What `python -m sdtl_jax.convert` writes beside its checkpoint: a transfer source of one step.
@@ -132,7 +132,7 @@ class Checkpointer:
             return
         ours = flax.serialization.to_state_dict(abstract_state)
         problems = [p for key in ('params', 'batch_stats')
-                    for p in freeze.differences(ours.get(key, {}), saved.get(key, {}), key,
+                    for p in layer_trees.differences(ours.get(key, {}), saved.get(key, {}), key,
                                                 'resumed')]
         if problems:
             raise ValueError(
@@ -289,8 +289,8 @@ def load_for_transfer(params: dict, batch_stats: dict, path: str,
             f'transfer.init_from={path}: its latest checkpoint is step {step}, but the run '
             f'ended at step {final} (results.json); the final checkpoint is missing or was moved '
             'aside. Re-run that run\'s command to restore it, or point init_from at another run')
-    params = freeze.graft(params, source_params, layers, 'params')
-    batch_stats = freeze.graft(batch_stats, source_stats, layers, 'batch_stats')
+    params = layer_trees.graft(params, source_params, layers, 'params')
+    batch_stats = layer_trees.graft(batch_stats, source_stats, layers, 'batch_stats')
     return params, batch_stats, step
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from sdtl_jax import config_lib, freeze
+from sdtl_jax import config_lib, layer_trees
 
 
 def schedule(*, base_lr: float, end_lr: float, warmup_steps: int,
@@ -36,10 +36,10 @@ def make(config: ml_collections.ConfigDict, params, layer_names, *, warmup_steps
                      warmup_steps=warmup_steps, total_steps=total_steps)
     trainable = optax.chain(
         # A callable mask: inside multi_transform this sees only the trainable subtree.
-        optax.add_decayed_weights(config.optim.weight_decay, mask=freeze.decay_mask),
+        optax.add_decayed_weights(config.optim.weight_decay, mask=layer_trees.decay_mask),
         optax.sgd(lr_fn, momentum=config.optim.momentum, nesterov=False),
     )
-    labels = freeze.layer_labels(params, layer_names, config.transfer.num_frozen)
+    labels = layer_trees.layer_labels(params, layer_names, config.transfer.num_frozen)
     tx = optax.multi_transform(
-        {freeze.TRAINABLE: trainable, freeze.FROZEN: optax.set_to_zero()}, labels)
+        {layer_trees.TRAINABLE: trainable, layer_trees.FROZEN: optax.set_to_zero()}, labels)
     return tx, lr_fn

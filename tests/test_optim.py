@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdtl_jax import config_lib, freeze, optim
+from sdtl_jax import config_lib, layer_trees, optim
 
 BASE, END = 0.025, 1e-6   # 0.1 x 64 / 256
 
@@ -35,7 +35,7 @@ PARAMS = {
 
 
 def test_decay_mask_only_multi_dimensional_weights():
-    mask = freeze.decay_mask(PARAMS)
+    mask = layer_trees.decay_mask(PARAMS)
     assert mask['stem']['conv']['kernel'] and mask['head']['kernel']
     assert mask['block']['attn']['qkv']['kernel']
     assert not mask['stem']['bn']['scale'] and not mask['stem']['bn']['bias']
@@ -45,7 +45,7 @@ def test_decay_mask_only_multi_dimensional_weights():
 
 def test_layer_labels_reject_keys_outside_the_contract():
     with pytest.raises(ValueError, match='extra'):
-        freeze.layer_labels({**PARAMS, 'extra': {}}, NAMES, 1)
+        layer_trees.layer_labels({**PARAMS, 'extra': {}}, NAMES, 1)
 
 
 def _config(num_frozen, weight_decay=1e-4):

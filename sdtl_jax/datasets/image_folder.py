@@ -38,7 +38,7 @@ from absl import app, flags
 
 from sdtl_jax import cli
 from sdtl_jax.data import layout, records, sources
-from sdtl_jax.datasets import images, shards
+from sdtl_jax.datasets import images, importer_cli, shards
 from sdtl_jax.errors import UserError
 
 
@@ -171,17 +171,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       flag_values=flag_values)
     flags.DEFINE_string('name', None, 'Dataset name (default: basename of --out); registered: '
                         f'{", ".join(sorted(sources.DATASETS))}.', flag_values=flag_values)
-    shards.define_writer_flags(flag_values)
-    images.define_allow_empty_classes(flag_values)
-    flags.adopt_module_key_flags(shards, flag_values=flag_values)
+    importer_cli.define_writer_flags(flag_values, class_folders=True)
+    flags.adopt_module_key_flags(importer_cli, flag_values=flag_values)
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
-    """Exit status: `shards.run_command`'s."""
+    """Exit status: `importer_cli.run_command`'s."""
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     f = flag_values
-    return shards.run_command(lambda: [convert(
+    return importer_cli.run_command(lambda: [convert(
         f.src, f.out, split=f.split, domain=f.domain, name=f.name,
         records_per_shard=f.records_per_shard, num_threads=f.num_threads,
         allow_empty_classes=f.allow_empty_classes, exif_transpose=f.exif_transpose)])

@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import tqdm
-from absl import flags
 from PIL import Image, ImageOps
 
 from sdtl_jax.data import records
@@ -165,14 +164,6 @@ def check_class_folders(counts: Mapping[str, int], *, allow_empty: bool, where: 
     for folder in empty:
         print(f'warning: {where}: class folder {records.printable(folder)} is empty; its class '
               f'is kept with 0 examples (--allow_empty_classes)', file=sys.stderr, flush=True)
-
-
-def define_allow_empty_classes(flag_values: flags.FlagValues) -> None:
-    """--allow_empty_classes, for the importers that read class folders."""
-    flags.DEFINE_boolean('allow_empty_classes', False,
-                         'Keep a class whose folder holds no files, with 0 examples (a warning '
-                         'line names it). Default: an empty class folder stops the import.',
-                         flag_values=flag_values)
 
 
 def file_stamp(path: str) -> tuple:

@@ -28,7 +28,7 @@ from absl import app, flags
 
 from sdtl_jax import cli
 from sdtl_jax.data import layout, sources
-from sdtl_jax.datasets import archives, shards
+from sdtl_jax.datasets import archives, importer_cli, shards
 from sdtl_jax.datasets.images import Item, exif_settings, file_stamp, image_loader
 
 NAME = 'pets_real'
@@ -170,16 +170,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         flag_values=flag_values)
     flags.DEFINE_list('splits', ['train', 'test'], 'Splits to write; train = the official '
                       'trainval list.', flag_values=flag_values)
-    shards.define_writer_flags(flag_values)
-    flags.adopt_module_key_flags(shards, flag_values=flag_values)
+    importer_cli.define_writer_flags(flag_values)
+    flags.adopt_module_key_flags(importer_cli, flag_values=flag_values)
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
-    """Exit status: `shards.run_command`'s."""
+    """Exit status: `importer_cli.run_command`'s."""
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     f = flag_values
-    return shards.run_command(lambda: import_pets(
+    return importer_cli.run_command(lambda: import_pets(
         f.out, src=f.src, images=f.images, annotations=f.annotations, splits=f.splits,
         records_per_shard=f.records_per_shard, num_threads=f.num_threads,
         exif_transpose=f.exif_transpose))

@@ -47,13 +47,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import tqdm
-from absl import flags
 
 from sdtl_jax import fileio, metrics_io
 from sdtl_jax.data import layout, records
 from sdtl_jax.datasets import images
 from sdtl_jax.datasets.images import Example, Item, Skip
-from sdtl_jax.errors import UserError
 
 PROGRESS_VERSION = 1
 T = TypeVar('T')
@@ -327,37 +325,6 @@ def warn_count(name: str, split: str, got: int, expected: int) -> None:
     if got != expected:
         print(f'warning: [{name}/{split}] {got:,} records, the full dataset has {expected:,}',
               file=sys.stderr, flush=True)
-
-
-def define_writer_flags(flag_values: flags.FlagValues) -> None:
-    """The flags every importer shares: --records_per_shard, --num_threads. An importer adopts
-    them as its key flags (`flags.adopt_module_key_flags`), so that its --help shows them."""
-    flags.DEFINE_integer('records_per_shard', layout.DEFAULT_RECORDS_PER_SHARD,
-                         'Input images per shard (the default is ~225 MB of ImageNet JPEGs).',
-                         lower_bound=1, flag_values=flag_values)
-    flags.DEFINE_integer('num_threads', 8, 'Threads that read and check images.', lower_bound=1,
-                         flag_values=flag_values)
-    flags.DEFINE_boolean('exif_transpose', False,
-                         'Store images whose EXIF Orientation is not 1 turned upright '
-                         '(PIL.ImageOps.exif_transpose), re-encoded as lossless PNG. Default: '
-                         'off, pixels stored as in the file, EXIF orientation ignored, as '
-                         "torchvision's and timm's ImageFolder (PIL) and training's decoder do.",
-                         flag_values=flag_values)
-
-
-def run_command(write: Callable[[], Sequence[Mapping[str, Any]]]) -> int:
-    """Runs an importer for its command line: exit 0 when some records were written, 1 when
-    none were or on an `errors.UserError` (e.g. an empty class folder; one `error:` line), 2
-    (with an `error:` line) on missing or bad input."""
-    try:
-        summaries = write()
-    except UserError as e:
-        print(f'error: {records.printable(str(e))}', file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return 0 if any(s['num_examples'] for s in summaries) else 1
 
 
 class ShardWriter:

@@ -32,7 +32,7 @@ from absl import app, flags
 
 from sdtl_jax import cli
 from sdtl_jax.data import layout, sources
-from sdtl_jax.datasets import imagenet100, images, pets, shards
+from sdtl_jax.datasets import imagenet100, images, importer_cli, pets, shards
 
 # TFDS name -> (registry name, {TFDS split: our split}).
 KNOWN = {
@@ -192,19 +192,19 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_list('splits', None, 'tfds_split:split pairs, e.g. train:train,validation:val '
                       '(default: the known mapping, else every TFDS split as is).',
                       flag_values=flag_values)
-    shards.define_writer_flags(flag_values)
-    flags.adopt_module_key_flags(shards, flag_values=flag_values)
+    importer_cli.define_writer_flags(flag_values)
+    flags.adopt_module_key_flags(importer_cli, flag_values=flag_values)
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
-    """Exit status: `shards.run_command`'s."""
+    """Exit status: `importer_cli.run_command`'s."""
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     f = flag_values
     splits = None
     if f.splits:
         splits = dict(s.split(':', 1) if ':' in s else (s, s) for s in f.splits)
-    return shards.run_command(lambda: import_tfds(
+    return importer_cli.run_command(lambda: import_tfds(
         f.name, f.out, tfds_data_dir=f.tfds_data_dir, dataset=f.dataset, splits=splits,
         records_per_shard=f.records_per_shard, num_threads=f.num_threads,
         exif_transpose=f.exif_transpose))

@@ -1,4 +1,6 @@
-"""Which parameters are frozen, which decay, and grafting pre-trained layers into a new model.
+"""Parameter trees, layer by layer: which leaves are frozen (`layer_labels`), which decay
+(`decay_mask`), grafting pre-trained layers into a new model (`graft`) and naming where a
+checkpoint's tree differs from the model's (`differences`).
 
 One mask, built from `layer_names()[:num_frozen]`, drives freezing:
 `optim.make` gives frozen leaves `optax.set_to_zero`, the model puts a `stop_gradient` after
