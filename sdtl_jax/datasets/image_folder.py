@@ -177,10 +177,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     """Exit status: `importer_cli.run_command`'s."""
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     f = flag_values
-    return importer_cli.run_command(lambda: [convert(
+    return importer_cli.run_command(argv, lambda: [convert(
         f.src, f.out, split=f.split, domain=f.domain, name=f.name,
         records_per_shard=f.records_per_shard, num_threads=f.num_threads,
         allow_empty_classes=f.allow_empty_classes, exif_transpose=f.exif_transpose)])

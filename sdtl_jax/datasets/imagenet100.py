@@ -312,10 +312,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     """Exit status: `importer_cli.run_command`'s."""
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     f = flag_values
-    return importer_cli.run_command(lambda: import_imagenet100(
+    return importer_cli.run_command(argv, lambda: import_imagenet100(
         f.out, src=f.src, train_tar=f.train_tar, val_tar=f.val_tar, devkit=f.devkit,
         val_labels=f.val_labels, splits=f.splits, records_per_shard=f.records_per_shard,
         num_threads=f.num_threads, allow_empty_classes=f.allow_empty_classes,

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from absl import flags
+from absl import app, flags
 
 from sdtl_jax.data import layout, records
 from sdtl_jax.errors import UserError
@@ -34,10 +34,12 @@ def define_writer_flags(flag_values: flags.FlagValues, *, class_folders: bool = 
         _define_allow_empty_classes(flag_values)
 
 
-def run_command(write: Callable[[], Sequence[Mapping[str, Any]]]) -> int:
-    """Runs an importer for its command line: exit 0 when some records were written, 1 when
-    none were or on an `errors.UserError` (e.g. an empty class folder; one `error:` line), 2
-    (with an `error:` line) on missing or bad input."""
+def run_command(argv: Sequence[str], write: Callable[[], Sequence[Mapping[str, Any]]]) -> int:
+    """Runs an importer for its command line (`argv`: absl's, no positional arguments): exit 0
+    when some records were written, 1 when none were or on an `errors.UserError` (e.g. an empty
+    class folder; one `error:` line), 2 (with an `error:` line) on missing or bad input."""
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     try:
         summaries = write()
     except UserError as e:

@@ -176,10 +176,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     """Exit status: `importer_cli.run_command`'s."""
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     f = flag_values
-    return importer_cli.run_command(lambda: import_pets(
+    return importer_cli.run_command(argv, lambda: import_pets(
         f.out, src=f.src, images=f.images, annotations=f.annotations, splits=f.splits,
         records_per_shard=f.records_per_shard, num_threads=f.num_threads,
         exif_transpose=f.exif_transpose))

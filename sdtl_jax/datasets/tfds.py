@@ -198,13 +198,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     """Exit status: `importer_cli.run_command`'s."""
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     f = flag_values
     splits = None
     if f.splits:
         splits = dict(s.split(':', 1) if ':' in s else (s, s) for s in f.splits)
-    return importer_cli.run_command(lambda: import_tfds(
+    return importer_cli.run_command(argv, lambda: import_tfds(
         f.name, f.out, tfds_data_dir=f.tfds_data_dir, dataset=f.dataset, splits=splits,
         records_per_shard=f.records_per_shard, num_threads=f.num_threads,
         exif_transpose=f.exif_transpose))
