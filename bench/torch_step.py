@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import step_common
-from sdtl_jax import config_lib, freeze, torch_reference
+from sdtl_jax import config_lib, layer_trees, torch_reference
 from sdtl_jax.data.augment import normalize
 from sdtl_jax.models import layers
 
@@ -92,7 +92,7 @@ def build(spec: step_common.StepSpec, device: torch.device | None = None):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            no = p.ndim <= 1 or any(n in name for n in freeze.NO_DECAY_NAMES)
+            no = p.ndim <= 1 or any(n in name for n in layer_trees.NO_DECAY_NAMES)
             (no_decay if no else decay).append(p)
     optimizer = torch.optim.SGD(
         [{'params': decay, 'weight_decay': config.optim.weight_decay},
