@@ -11,8 +11,9 @@ A dataset is a directory (see docs/architecture.md, "Data contract"):
 `meta.json` holds the name, the domain (`real` or `synth`), the class list, and per split the
 shard file names (relative to the dataset directory), the number of examples and the number of
 examples per class. `<split>.labels.npy` lets stratified subsets be drawn without reading the
-shards; datasets written before it existed lack it (`read_labels` then returns None). What a
-record holds is `records.py`'s.
+shards; datasets written before it existed lack it (`read_labels` then returns None). Data dirs
+default to `$SDTL_DATA_DIR`, else `~/.cache/sdtl_jax/data` (`default_data_dir`). What a record
+holds is `records.py`'s.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Dataset registry: a name -> its shard files, class list, domain and counts, with clear errors.
 
 Each dataset lives in `<data_dir>/<name>/` (meta.json + `<split>-NNNNN-of-MMMMM.array_record`,
-see `records.py`). `data_dir` defaults to `$SDTL_DATA_DIR`, else `~/.cache/sdtl_jax/data`.
+see `layout.py`). `data_dir` defaults to `$SDTL_DATA_DIR`, else `~/.cache/sdtl_jax/data`.
 
-- `digits_real`, `digits_synth`: the embedded demo (`digits.py`), built on first use, no download.
+- `digits_real`, `digits_synth`: the embedded demo (`datasets/digits.py`), built on first use,
+  no download.
 - `imagenet100_real`, `imagenet100_synth`: ImageNet-100 (CMC class list). Classes are the wnids
   in sorted order, the labels an image-folder loader gives (docs/paper.md §8); real and
   synthetic share them.
@@ -79,7 +80,7 @@ class DatasetInfo:
     family: str               # 'digits' | 'imagenet100' | 'pets'
     domain: str               # 'real' | 'synth'
     splits: tuple[str, ...]   # the splits the experiments read
-    demo: bool                # built on first use by digits.py
+    demo: bool                # built on first use by datasets/digits.py
     description: str
 
     @property
