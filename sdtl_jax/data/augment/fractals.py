@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import colorsys
 import os
-import tempfile
 
 import numpy as np
+
+from sdtl_jax import fileio
 
 # Bump when the drawing changes, so stale caches are not reused.
 _VERSION = 1
@@ -152,13 +153,7 @@ def load_or_generate(cache_dir: str | None, num: int, size: int, seed: int = 0) 
             pass  # A corrupt cache file is redrawn and replaced below.
     images = generate(num, size, seed)
     os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.npy.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.save(f, images)
-        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # Readers (grain workers) see the old file or the whole new one.
+    with fileio.atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        np.save(f, images)
     return images
