@@ -7,6 +7,7 @@ two runs writing one workdir would interleave their checkpoints and metrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,9 @@ LOCK_FILE = 'lock.json'
 # (a preempted VM): it is taken over. Holders refresh it every HEARTBEAT_SECONDS.
 STALE_SECONDS = 15 * 60
 HEARTBEAT_SECONDS = 60
+# A takeover guard older than this was left by a run that crashed while taking over a stale lock
+# (holding it takes a read and a delete).
+TAKEOVER_SECONDS = 10
 
 
 class WorkdirError(UserError):
@@ -89,8 +93,8 @@ class RunLock:
 
         The lock file is created exclusively, so of two runs started at the same instant exactly
         one gets it: on a local disk complete, by a hard link; in a bucket with generation 0 as
-        the write's precondition. A stale lock is removed by one operation that only one taker
-        wins: a rename on a disk, a delete of that generation in a bucket.
+        the write's precondition. A stale lock is removed by one taker only: on a disk under a
+        takeover guard (`_move_aside`), in a bucket by a delete of that generation.
         """
         note = None
         remote = fileio.is_remote(self.path)
@@ -128,21 +132,27 @@ class RunLock:
                 self._move_aside(text)
 
     def _move_aside(self, stale: str) -> None:
-        """Removes the stale lock (its text: `stale`) by one rename, which only one taker wins;
-        a lock that another taker made meanwhile is put back."""
-        aside = f'{self.path}.stale.{self.owner["host"]}.{os.getpid()}'
+        """Removes the stale lock (its text: `stale`), one taker at a time: under
+        `<lock>.takeover` (created exclusively) the lock is read again and removed only if it
+        is still the stale one, so a lock that another taker made meanwhile is never touched.
+        (Renaming it aside and putting a new one back left a moment without a lock, in which a
+        third run could take it too.)"""
+        guard = f'{self.path}.takeover'
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return                              # another taker moved it: read its lock
-        with open(aside) as f:
-            moved = f.read()
-        if moved != stale:
-            try:
-                os.link(aside, self.path)       # a new holder's lock: restore it
-            except FileExistsError:
-                pass
-        os.remove(aside)
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.path.getmtime(guard) > TAKEOVER_SECONDS:
+                    os.remove(guard)            # left by a taker that crashed holding it
+            time.sleep(0.005)
+            return                              # read the lock again
+        os.close(fd)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                if fileio.read_text(self.path) == stale:
+                    os.remove(self.path)
+        finally:
+            os.remove(guard)
 
     def _create(self) -> bool:
         """Writes the lock if none exists (locally: atomically); False if another run has it."""

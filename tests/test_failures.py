@@ -119,13 +119,16 @@ def test_workdir_of_another_model_is_refused_naming_the_keys(data_dir, tmp_path)
         experiment.run(config, str(tmp_path))
 
 
-def _take_lock(workdir, barrier, results):
+def _take_lock(workdir, barrier, done, results):
     barrier.wait()
     try:
         workdir_guard.RunLock(workdir).acquire()
         results.put('got it')
     except workdir_guard.WorkdirError:
         results.put('refused')
+    # The holder stays alive until all have decided: a lock whose process has ended is stale,
+    # and a slow taker would rightly take it over.
+    done.wait(30)
 
 
 @pytest.mark.parametrize('stale', [False, True])
@@ -141,8 +144,8 @@ def test_two_runs_started_at_once_never_both_get_the_lock(tmp_path, stale):
         workdir.mkdir()
         if stale:
             _write_lock(workdir, host='other-vm', pid=1, heartbeat=time.time() - 3600)
-        barrier, results = context.Barrier(3), context.Queue()
-        runs = [context.Process(target=_take_lock, args=(str(workdir), barrier, results))
+        barrier, done, results = context.Barrier(3), context.Barrier(3), context.Queue()
+        runs = [context.Process(target=_take_lock, args=(str(workdir), barrier, done, results))
                 for _ in range(3)]
         for run in runs:
             run.start()
