@@ -123,6 +123,19 @@ def publish_split(out_dir: str, *, name: str, domain: str, classes: Sequence[str
     return info
 
 
+def clear_split(out_dir: str, split: str, *, name: str, domain: str, classes: Sequence[str],
+                also: Callable[[str], bool] = lambda filename: False) -> None:
+    """Removes every trace of an earlier write of `split`: its meta.json entry first (so no
+    reader sees old and new shards mixed), then its shards, temporary shards, labels.npy and
+    the files `also` names (a writer's own bookkeeping)."""
+    layout.remove_split(out_dir, name=name, domain=domain, classes=classes, split=split)
+    labels = os.path.basename(layout.labels_path(out_dir, split))
+    for filename in os.listdir(out_dir):
+        if (layout.is_shard_of(split, filename) or layout.is_temporary_shard(split, filename)
+                or filename == labels or also(filename)):
+            os.remove(os.path.join(out_dir, filename))
+
+
 # --- Importers: a list of inputs -> a split, resumable through <split>.progress.json.
 
 def fingerprint(items: Iterable[Item], problems: Sequence[tuple[str, str]],
@@ -143,18 +156,6 @@ def _unreadable_path(out_dir: str, split: str) -> str:
 
 def _progress_path(out_dir: str, split: str) -> str:
     return os.path.join(out_dir, f'{split}.progress.json')
-
-
-def _start_fresh(out_dir: str, split: str, *, name: str, domain: str,
-                 classes: Sequence[str]) -> None:
-    """Removes every trace of an earlier write of `split` (meta.json entry first)."""
-    layout.remove_split(out_dir, name=name, domain=domain, classes=classes, split=split)
-    for filename in os.listdir(out_dir):
-        if layout.is_shard_of(split, filename) or layout.is_temporary_shard(split, filename):
-            os.remove(os.path.join(out_dir, filename))
-    for path in (layout.labels_path(out_dir, split), _unreadable_path(out_dir, split)):
-        if os.path.exists(path):
-            os.remove(path)
 
 
 def _load_progress(path: str, expected: str, num_shards: int,
@@ -254,7 +255,9 @@ def write_split(out_dir: str | os.PathLike, items: Sequence[Item], *, name: str,
     progress_path = _progress_path(out_dir, split)
     done = _load_progress(progress_path, expected, num_shards, out_dir)
     if done is None:
-        _start_fresh(out_dir, split, name=name, domain=domain, classes=classes)
+        unreadable = os.path.basename(_unreadable_path(out_dir, split))
+        clear_split(out_dir, split, name=name, domain=domain, classes=classes,
+                    also=lambda filename: filename == unreadable)
         done = {}
     todo = [i for i in range(num_shards) if str(i) not in done]
     resumed = num_shards - len(todo)

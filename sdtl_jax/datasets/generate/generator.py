@@ -189,18 +189,16 @@ def _check_plan(out_dir: str, plan: Mapping[str, Any], overwrite: bool) -> None:
 
 
 def _remove_split(out_dir: str, plan: Mapping[str, Any]) -> None:
+    """An earlier generation of the split, whatever its plan: the dataset's own meta.json names
+    it (this plan's settings differ)."""
     split = plan['split']
+    meta = {'name': plan['name'], 'domain': 'synth', 'classes': plan['classes']}
     if os.path.exists(os.path.join(out_dir, layout.META_FILE)):
-        with open(os.path.join(out_dir, layout.META_FILE)) as f:
-            meta = json.load(f)
-        layout.remove_split(out_dir, name=meta['name'], domain=meta['domain'],
-                             classes=meta['classes'], split=split)
-    for filename in os.listdir(out_dir):
-        if (layout.is_shard_of(split, filename) or layout.is_temporary_shard(split, filename)
-                or filename.startswith(f'{split}-') and filename.endswith('.array_record.json')
-                or filename in (f'{split}.plan.json', f'{split}.summary.json',
-                                f'{split}.labels.npy')):
-            os.remove(os.path.join(out_dir, filename))
+        meta = layout.read_meta(out_dir)
+    shards.clear_split(
+        out_dir, split, name=meta['name'], domain=meta['domain'], classes=meta['classes'],
+        also=lambda f: (f.startswith(f'{split}-') and f.endswith('.array_record.json')
+                        or f in (f'{split}.plan.json', f'{split}.summary.json')))
 
 
 def finished_shards(out_dir: str, plan: Mapping[str, Any]) -> list[int]:
